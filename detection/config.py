@@ -1,0 +1,241 @@
+"""Training configuration: frozen dataclasses read from YAML in one place.
+
+`ExperimentConfig` is what one fold's training needs (data, model, train, seed). The sweep config
+(`search.config.SweepConfig`) embeds one as the base that each trial's sampled parameters override.
+Unknown keys and bad values raise `ConfigError` naming the file, the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+OPTIMIZERS = ("sgd", "adamw", "adam")
+
+
+class ConfigError(ValueError):
+    """A config file or value that does not match the schema."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/deepforest"  # COCO .json or a Roboflow export folder (train/ valid/ test/)
+    filter_empty: bool = True  # drop images without annotations from training
+    num_folds: int = 3
+    holdout_fraction: float = 0.2  # used when the dataset has no Roboflow test/ folder
+    class_balanced_sampling: bool = True  # LVIS repeat-factor sampling of rare-class images
+    repeat_threshold: float = 0.3  # RFS threshold t: classes in fewer than t of the images repeat
+    num_workers: int = 0  # DataLoader workers per fold
+
+    def validate(self, where: str) -> None:
+        _check(self.num_folds >= 2, where, "data.num_folds", f"an integer >= 2, got {self.num_folds}")
+        _check(0.0 <= self.holdout_fraction < 1.0, where, "data.holdout_fraction",
+               f"a number in [0, 1), got {self.holdout_fraction}")
+        _check(self.repeat_threshold > 0.0, where, "data.repeat_threshold", f"> 0, got {self.repeat_threshold}")
+        _check(self.num_workers >= 0, where, "data.num_workers", f">= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "faster_rcnn"  # faster_rcnn | fcos_tal
+    backbone: str = "mobilenet_v2"  # a key of detection.models.backbones.BACKBONES (or a timm name for fcos_tal)
+    pretrained: bool = True
+    weights_path: str | None = None  # local file that overrides torchvision/timm's download
+    kmeans_anchors: bool = True  # Faster R-CNN anchors from k-means over the training boxes
+    trainable_layers: int = 3
+    freeze_backbone_epochs: int = 0  # fcos_tal: backbone frozen for this many epochs, then unfrozen
+
+    def validate(self, where: str) -> None:
+        from detection.models.factory import ARCHS
+
+        _check(self.arch in ARCHS, where, "model.arch", f"one of {list(ARCHS)}, got {self.arch!r}")
+        _check(0 <= self.trainable_layers <= 5, where, "model.trainable_layers",
+               f"an integer in [0, 5], got {self.trainable_layers}")
+        _check(self.freeze_backbone_epochs >= 0, where, "model.freeze_backbone_epochs",
+               f">= 0, got {self.freeze_backbone_epochs}")
+        if self.weights_path is not None:
+            _check(Path(self.weights_path).is_file(), where, "model.weights_path",
+                   f"an existing file, got {self.weights_path!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.01
+    batch_size: int = 4
+    optimizer: str = "sgd"  # sgd | adamw | adam
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    image_size: int = 640
+    small_image_size: int | None = None  # progressive resizing: this size first ...
+    progressive_epochs: int = 0  # ... for this many epochs, then image_size
+    amp: bool = True  # mixed precision; only takes effect on CUDA
+    grad_clip: float = 10.0
+    patience: int = 5  # early stopping on the validation score; 0 disables
+    score_threshold: float = 0.5  # F1 and WBF skip_box_thr
+    augment: bool = True
+    eval_batch_size: int = 4
+
+    def validate(self, where: str) -> None:
+        _check(self.epochs >= 1, where, "train.epochs", f"an integer >= 1, got {self.epochs}")
+        _check(self.lr > 0, where, "train.lr", f"> 0, got {self.lr}")
+        _check(self.batch_size >= 1, where, "train.batch_size", f"an integer >= 1, got {self.batch_size}")
+        _check(self.optimizer in OPTIMIZERS, where, "train.optimizer",
+               f"one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        _check(self.image_size >= 32, where, "train.image_size", f">= 32, got {self.image_size}")
+        if self.small_image_size is not None:
+            _check(32 <= self.small_image_size <= self.image_size, where, "train.small_image_size",
+                   f"in [32, image_size={self.image_size}], got {self.small_image_size}")
+        _check(self.progressive_epochs >= 0, where, "train.progressive_epochs", f">= 0, got {self.progressive_epochs}")
+        _check(self.warmup_epochs >= 0, where, "train.warmup_epochs", f">= 0, got {self.warmup_epochs}")
+        _check(0 < self.min_lr_ratio <= 1, where, "train.min_lr_ratio", f"in (0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip >= 0, where, "train.grad_clip", f">= 0 (0 disables), got {self.grad_clip}")
+        _check(self.patience >= 0, where, "train.patience", f">= 0 (0 disables), got {self.patience}")
+        _check(0.0 <= self.score_threshold < 1.0, where, "train.score_threshold",
+               f"a number in [0, 1), got {self.score_threshold}")
+        _check(self.eval_batch_size >= 1, where, "train.eval_batch_size", f">= 1, got {self.eval_batch_size}")
+
+    def image_size_at(self, epoch: int) -> int:
+        """Input size for a 0-based epoch under progressive resizing."""
+        if self.small_image_size is not None and epoch < self.progressive_epochs:
+            return self.small_image_size
+        return self.image_size
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+    def validate(self, where: str = "<config>") -> ExperimentConfig:
+        self.data.validate(where)
+        self.model.validate(where)
+        self.train.validate(where)
+        return self
+
+    def with_overrides(self, **sections: dict[str, Any]) -> ExperimentConfig:
+        """Copy with e.g. `train={"lr": 1e-3}, model={"arch": "fcos_tal"}` applied (validated keys)."""
+        changes: dict[str, Any] = {}
+        for name, values in sections.items():
+            current = getattr(self, name)
+            if is_dataclass(current):
+                changes[name] = from_dict(type(current), {**dataclasses.asdict(current), **values}, where="<overrides>",
+                                          prefix=f"{name}.")
+            else:
+                changes[name] = values
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, where: str, key: str, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: `{key}` must be {expected}.")
+
+
+def from_dict(cls: type, data: Any, *, where: str, prefix: str = "") -> Any:
+    """Build a (nested) frozen dataclass from plain YAML data, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: `{prefix.rstrip('.') or '<top level>'}` must be a mapping, "
+                          f"got {type(data).__name__}.")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key `{prefix}{unknown[0]}`; allowed keys under "
+                          f"`{prefix.rstrip('.') or '<top level>'}` are {sorted(known)}.")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, where=where, key=f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, *, where: str, key: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if is_dataclass(hint):
+        return from_dict(hint, value, where=where, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where=where, key=key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: `{key}` must be one of {list(args)}, got {value!r}.")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: `{key}` must be a list, got {value!r}.")
+        item = args[0] if args else Any
+        return tuple(_coerce(item, v, where=where, key=f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict or hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: `{key}` must be true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: `{key}` must be an integer, got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: `{key}` must be a number, got {value!r}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: `{key}` must be a string, got {value!r}.")
+        return value
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}.")
+    return data
+
+
+def resolve_data_path(data: DataConfig, config_file: Path | None) -> DataConfig:
+    """Relative dataset paths are relative to the config file's folder's project root (the cwd) first,
+    then to the config file itself."""
+    p = Path(data.path).expanduser()
+    if p.is_absolute() or p.exists() or config_file is None:
+        return dataclasses.replace(data, path=str(p.resolve()) if p.exists() else str(p))
+    beside = (config_file.parent / p)
+    return dataclasses.replace(data, path=str(beside.resolve()) if beside.exists() else str(p))
+
+
+def load_experiment_config(path: str | Path) -> ExperimentConfig:
+    """Read a training YAML (sections data, model, train, seed) into a validated ExperimentConfig."""
+    path = Path(path)
+    cfg = from_dict(ExperimentConfig, read_yaml(path), where=str(path))
+    cfg = dataclasses.replace(cfg, data=resolve_data_path(cfg.data, path))
+    return cfg.validate(str(path))
+
+
+def dump_yaml(data: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
