@@ -16,6 +16,7 @@ from detection.models.fcos_tal import (
     build_fcos_tal,
     load_backbone_weights,
 )
+from detection.engine import build_optimizer
 from detection.models.pan import PathAggregationNetwork
 from detection.models.weights import WeightsNotFoundError
 
@@ -149,25 +150,41 @@ def test_backbone_stages_follow_timm_feature_info():
 
 
 def test_freeze_schedule_unfreezes_last_stages():
+    torch.manual_seed(0)
     model = _tiny(trainable_layers=3, freeze_backbone_epochs=2, unfreeze_stages=2, frozen_bn=False)
+    # The trainer's optimizer, built once before epoch 0 over the trainable parameters.
+    optimizer = build_optimizer(model, name="adam", lr=1e-2, weight_decay=1e-4)
+    body = model.backbone.body
+    # Stages before the last 2 never train; layer3 and layer4 (stages 3, 4) are in the optimizer.
+    assert {model.backbone.stage_of_parameter[n] for n, p in body.named_parameters() if p.requires_grad} == {3, 4}
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(body.layer4[0].downsample[0].weight) in in_optimizer
 
-    def trainable_stages():
-        return {model.backbone.stage_of_parameter[n] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
-
-    for epoch in (0, 1):
+    images, targets = [torch.rand(3, 96, 96)], _targets()[:1]
+    for epoch in range(3):
         model.set_epoch(epoch)
-        assert trainable_stages() == set()
         model.train()
-        assert not model.backbone.body.bn1.training and not model.backbone.body.layer4[0].bn1.training
-    model.set_epoch(2)
-    assert trainable_stages() == {3, 4}  # layer3, layer4
-    model.train()
-    assert model.backbone.body.layer4[0].bn1.training and not model.backbone.body.layer2[0].bn1.training
-    assert all(p.requires_grad for p in model.head.parameters())
-    # No freeze: trainable_layers from epoch 0, and values past the stage count mean "all".
-    assert _tiny(trainable_layers=5).backbone.trainable_stages == 5
-    model = _tiny(trainable_layers=9)
-    assert all(p.requires_grad for p in model.backbone.parameters())
+        before = body.layer4[0].downsample[0].weight.detach().clone()
+        optimizer.zero_grad()
+        sum(model(images, targets).values()).backward()
+        optimizer.step()
+        changed = not torch.equal(before, body.layer4[0].downsample[0].weight)
+        if epoch < 2:
+            assert body.layer4[0].downsample[0].weight.grad is None and not changed
+            assert not body.layer4[0].bn1.training  # frozen: BatchNorm statistics stay put
+        else:
+            assert body.layer4[0].downsample[0].weight.grad.abs().sum() > 0 and changed
+            assert body.layer4[0].bn1.training and not body.layer2[0].bn1.training
+        assert model.head.box_distances.weight.grad.abs().sum() > 0  # the head always trains
+        assert body.layer2[0].conv1.weight.grad is None  # never trainable
+
+
+def test_trainable_layers_without_a_freeze():
+    model = _tiny(trainable_layers=2)
+    assert {model.backbone.stage_of_parameter[n] for n, p in model.backbone.body.named_parameters()
+            if p.requires_grad} == {3, 4}
+    # Values past the stage count mean "all stages" (torchvision's 5 for ResNets).
+    assert all(p.requires_grad for p in _tiny(trainable_layers=9).backbone.parameters())
 
 
 def test_load_backbone_weights_by_name(tmp_path: Path):

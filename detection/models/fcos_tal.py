@@ -53,7 +53,8 @@ class TimmBackbone(nn.Module):
     A "stage" is what timm's ``feature_info`` lists (stem + stride-2 block for most CNNs, then one
     entry per stride): stage ``i`` holds every module up to and including ``feature_info[i]``'s
     module. ``set_trainable_stages(n)`` lets the last ``n`` stages train and freezes the others
-    (torchvision's ``trainable_layers``); a frozen stage also keeps any BatchNorm in eval mode.
+    (``requires_grad=False``, torchvision's ``trainable_layers``); ``set_frozen(True)`` stops every
+    gradient into the backbone for a while. Frozen stages keep any BatchNorm in eval mode.
 
     Args:
         body: ``timm.create_model(name, features_only=True)``.
@@ -78,6 +79,7 @@ class TimmBackbone(nn.Module):
         self.stage_of_parameter, self.stage_modules = _split_stages(body)
         self.num_stages = len(reductions)
         self.trainable_stages = self.num_stages
+        self.frozen = False
 
     def set_trainable_stages(self, count: int) -> None:
         """Train the last ``count`` stages, freeze the rest (``count >= num_stages``: all train)."""
@@ -90,10 +92,20 @@ class TimmBackbone(nn.Module):
         self.trainable_stages = count
         self.train(self.training)  # re-apply eval mode to the frozen stages
 
+    def set_frozen(self, frozen: bool) -> None:
+        """Stop (or restore) every gradient into the backbone without touching ``requires_grad``.
+
+        Used for a temporary freeze: the trainable stages stay ``requires_grad=True``, so an optimizer
+        built over the trainable parameters at epoch 0 already holds them; while frozen they get no
+        gradient, which every torch optimizer skips (no step, no weight decay).
+        """
+        self.frozen = bool(frozen)
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> TimmBackbone:
         super().train(mode)
         if mode:
-            first_trainable = self.num_stages - self.trainable_stages
+            first_trainable = self.num_stages if self.frozen else self.num_stages - self.trainable_stages
             for stage, modules in enumerate(self.stage_modules):
                 if stage < first_trainable:
                     for module in modules:
@@ -102,7 +114,8 @@ class TimmBackbone(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        features = self.body(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            features = self.body(x)
         return [features[i] for i in self.feature_indices]
 
 
@@ -270,9 +283,11 @@ class FCOSTAL(nn.Module):
         nms_thresh: IoU threshold of the class-wise NMS.
         detections_per_img: detections kept per image after NMS.
         topk_candidates: highest-scoring (point, class) pairs kept per level before NMS.
-        trainable_layers: backbone stages (counted from the last) that train after the freeze.
+        trainable_layers: backbone stages (counted from the last) that train, once any freeze is
+            over; the others never train (torchvision's ``trainable_layers``).
         freeze_backbone_epochs: epochs (from 0) during which the whole backbone is frozen.
-        unfreeze_stages: stages that train from ``freeze_backbone_epochs`` on; None = ``trainable_layers``.
+        unfreeze_stages: stages that train from epoch ``freeze_backbone_epochs`` on; overrides
+            ``trainable_layers`` when given (the issue's name for the same count).
     """
 
     def __init__(
@@ -319,19 +334,21 @@ class FCOSTAL(nn.Module):
         self.trainable_layers = trainable_layers
         self.freeze_backbone_epochs = freeze_backbone_epochs
         self.unfreeze_stages = trainable_layers if unfreeze_stages is None else unfreeze_stages
+        # Stages before the last `unfreeze_stages` never train; the schedule only stops gradients.
+        self.backbone.set_trainable_stages(self.unfreeze_stages)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         """Apply the backbone freeze schedule for ``epoch`` (0-based); the trainer calls it at each epoch start.
 
         Epochs before ``freeze_backbone_epochs`` train no backbone stage; later ones train the last
-        ``unfreeze_stages``. The optimizer must hold every parameter (frozen ones get no gradient
-        and so no update), or the unfrozen stages would never be stepped.
+        ``unfreeze_stages``. The stages to be unfrozen keep ``requires_grad=True`` throughout (the
+        freeze stops their gradients instead), so an optimizer built at epoch 0 over the trainable
+        parameters steps them once they are unfrozen.
         """
         if epoch < 0:
             raise ValueError(f"`epoch >= 0` must hold, but got ({epoch=}).")
-        trainable = 0 if epoch < self.freeze_backbone_epochs else self.unfreeze_stages
-        self.backbone.set_trainable_stages(trainable)
+        self.backbone.set_frozen(epoch < self.freeze_backbone_epochs)
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
