@@ -1,0 +1,95 @@
+"""The one place that turns (arch, backbone, ...) into a detector: an explicit `match` over `ARCHS`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor, nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from detection.models.anchors import ShapeAnchorGenerator
+
+ARCHS = ("faster_rcnn", "fcos_tal")
+
+
+def build_detector(
+    *,
+    arch: str,
+    backbone: str,
+    num_classes: int,
+    image_size: int,
+    pretrained: bool = True,
+    weights_path: str | Path | None = None,
+    anchor_shapes: np.ndarray | Tensor | None = None,
+    trainable_layers: int = 3,
+) -> nn.Module:
+    """A detector with torchvision's contract.
+
+    Args:
+        arch: one of `ARCHS`.
+        backbone: a key of `detection.models.backbones.BACKBONES` (fcos_tal also takes timm model names).
+        num_classes: C foreground classes; labels are 1..C.
+        image_size: input size (longest side) the model resizes images to; `set_image_size` changes it.
+        pretrained: ImageNet backbone weights through torchvision's/timm's cache (or download);
+            `WeightsNotFoundError` names the missing file and the folder to put it in.
+        weights_path: a local backbone weights file that overrides the download.
+        anchor_shapes: faster_rcnn only: [k, 2] (w, h) pixels at `image_size` from k-means.
+        trainable_layers: backbone stages left trainable (0..5).
+    Returns:
+        An `nn.Module`: train mode `model(images, targets)` -> dict of losses; eval mode `model(images)` ->
+        list of {"boxes" [N, 4] xyxy absolute in each input image's pixels, "scores" [N], "labels" int64 [N]}.
+        Images are lists of float [3, H, W] tensors in [0, 1].
+    """
+    if num_classes < 1:
+        raise ValueError(f"`num_classes >= 1` (foreground classes) must hold, but got {num_classes=}.")
+    if image_size < 32:
+        raise ValueError(f"`image_size >= 32` must hold, but got {image_size=}.")
+    match arch:
+        case "faster_rcnn":
+            from detection.models.faster_rcnn import build_faster_rcnn
+
+            return build_faster_rcnn(
+                backbone=backbone, num_classes=num_classes, image_size=image_size, pretrained=pretrained,
+                weights_path=weights_path, anchor_shapes=anchor_shapes, trainable_layers=trainable_layers,
+            )
+        case "fcos_tal":
+            if anchor_shapes is not None:
+                raise ValueError("`anchor_shapes` must be None for the anchor-free arch 'fcos_tal', "
+                                 f"but got an array of shape {list(np.shape(anchor_shapes))}.")
+            from detection.models.fcos_tal import build_fcos_tal  # lazy: only this arch pays its imports
+
+            return build_fcos_tal(
+                backbone=backbone, num_classes=num_classes, image_size=image_size, pretrained=pretrained,
+                weights_path=weights_path, trainable_layers=trainable_layers,
+            )
+        case _:
+            raise ValueError(f"`arch` must be one of {list(ARCHS)}, but got {arch!r}.")
+
+
+def set_image_size(model: nn.Module, size: int) -> None:
+    """Make `model` resize its inputs to `size` (longest side) from now on: progressive resizing.
+
+    A model with its own `set_image_size(size)` method handles it; otherwise its torchvision
+    `GeneralizedRCNNTransform` gets `min_size = max_size = size` and its `ShapeAnchorGenerator`s are
+    scaled by `size / build image_size`, keeping anchors in proportion to the resized boxes.
+    """
+    if size < 32:
+        raise ValueError(f"`size >= 32` must hold, but got {size=}.")
+    own = getattr(model, "set_image_size", None)
+    if callable(own):
+        own(size)
+        return
+    transform = getattr(model, "transform", None)
+    if not isinstance(transform, GeneralizedRCNNTransform):
+        raise ValueError(f"Expected a model with a `set_image_size` method or a torchvision "
+                         f"`GeneralizedRCNNTransform` at `.transform`, got {type(model).__name__} "
+                         f"with transform {type(transform).__name__}.")
+    transform.min_size = (size,)
+    transform.max_size = size
+    for module in model.modules():
+        if isinstance(module, ShapeAnchorGenerator):
+            module.set_image_size(size)
+
+
+__all__ = ["ARCHS", "build_detector", "set_image_size"]
