@@ -206,6 +206,12 @@ def test_unknown_category_id(tmp_path, coco_writer):
         load_dataset(path)
 
 
+def test_category_id_not_an_id(tmp_path, coco_writer):
+    path = _edit(_base(tmp_path, coco_writer), lambda d: d["annotations"][0].update(category_id=[1]))
+    with pytest.raises(DatasetError, match=r"annotation id 1: 'category_id' must be an integer id, but got \[1\]"):
+        load_dataset(path)
+
+
 def test_unknown_image_id(tmp_path, coco_writer):
     path = _edit(_base(tmp_path, coco_writer), lambda d: d["annotations"][0].update(image_id=41))
     with pytest.raises(DatasetError, match=r"annotations\.json: annotation id 1: image_id 41 does not exist"):
@@ -266,3 +272,10 @@ def test_subset_with_unknown_id(tmp_path, coco_writer):
     index = load_dataset(_base(tmp_path, coco_writer))
     with pytest.raises(DatasetError, match=r"Image id 5 is not in the dataset .*expected an id in \[0, 1\]"):
         CocoDetection(index, image_ids=[0, 5])
+
+
+def test_category_that_is_its_own_supercategory_is_kept(tmp_path, coco_writer):
+    # COCO's instances files: {"id": 1, "name": "person", "supercategory": "person"}; an unused one stays a class
+    categories = [{"id": 1, "name": "person", "supercategory": "person"}, {"id": 2, "name": "bicycle", "supercategory": "vehicle"}]
+    path = coco_writer(tmp_path, [(32, 32, [(1, 1, 9, 9, 2)])], categories=categories)
+    assert load_dataset(path).class_names == ("person", "bicycle")

@@ -38,7 +38,7 @@ ROBOFLOW_ANNOTATIONS = "_annotations.coco.json"
 REQUIRED_KEYS = ("images", "annotations", "categories")
 
 # A transform maps (image HWC uint8, boxes [N, 4] xyxy absolute, labels [N]) to the same triple.
-DetectionTransform = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+TransformFn = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 class DatasetError(ValueError):
@@ -250,6 +250,8 @@ def _read_coco_file(path: Path, display: str, split: str | None) -> _CocoFile:
     for position, image in enumerate(coco_file.images):
         _require_keys(path, f"images[{position}]", image, ("id", "file_name", "width", "height"))
         image_id = image["id"]
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+            raise DatasetError(f"{path}: images[{position}]: 'id' must be an integer id, but got {image_id!r}.")
         if image_id in coco_file.image_ids:
             raise DatasetError(f"{path}: image id {image_id} appears more than once in 'images'; ids must be unique.")
         coco_file.image_ids.add(image_id)
@@ -261,6 +263,12 @@ def _read_coco_file(path: Path, display: str, split: str | None) -> _CocoFile:
         _require_keys(path, f"categories[{position}]", category, ("id", "name"))
     for position, annotation in enumerate(coco_file.annotations):
         _require_keys(path, f"annotations[{position}]", annotation, ("image_id", "category_id", "bbox"))
+        for key in ("image_id", "category_id"):
+            value = annotation[key]
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise DatasetError(
+                    f"{path}: annotation id {annotation.get('id', '?')}: '{key}' must be an integer id, but got {value!r}."
+                )
     return coco_file
 
 
@@ -291,14 +299,9 @@ def _merge_categories(files: list[_CocoFile]) -> dict[int, dict[str, Any]]:
             categories.setdefault(category_id, category)
             defined_in.setdefault(category_id, coco_file.path)
     used = Counter(a["category_id"] for f in files for a in f.annotations)
-    supercategories = {
-        c.get("supercategory") for c in categories.values() if c.get("supercategory") not in (None, "", "none")
-    }
-    unused_parents = {
-        cid for cid, c in categories.items()
-        if used[cid] == 0 and c["name"] in supercategories
-        and any(o.get("supercategory") == c["name"] for oid, o in categories.items() if oid != cid)
-    }
+    # COCO's own files name a category its own supercategory ("person"/"person"): that is no parent.
+    parent_names = {c.get("supercategory") for c in categories.values() if c.get("supercategory") != c["name"]}
+    unused_parents = {cid for cid, c in categories.items() if used[cid] == 0 and c["name"] in parent_names}
     for cid in sorted(unused_parents):
         logger.info("Dropping category id %d (%r): it is the supercategory of others and has no annotations.",
                     cid, categories[cid]["name"])
@@ -420,7 +423,7 @@ class CocoDetection(VisionDataset):
         self,
         index: CocoIndex,
         image_ids: Iterable[int] | None = None,
-        transforms: DetectionTransform | None = None,
+        transforms: TransformFn | None = None,
     ) -> None:
         super().__init__(root=index.root, transforms=transforms)
         self.index = index
