@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from detection.config import ExperimentConfig
-from detection.data.coco import DatasetError, load_dataset
-from detection.data.deepforest import write_deepforest_coco
+from detection.data.coco import DatasetError
 from detection.data.splits import make_split
 from trainables.manifest import (
     MANIFEST_PACKAGES,
@@ -29,12 +32,10 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def forest(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def forest(deepforest_root: Path, deepforest_index, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(Roboflow-style DeepForest export, its split.json)."""
-    root = tmp_path_factory.mktemp("manifest")
-    data = write_deepforest_coco(root / "deepforest", tile_size=400, seed=0)
-    split = make_split(load_dataset(data), num_folds=2, holdout_fraction=0.2, seed=0)
-    return data, split.to_json(root / "split.json")
+    split = make_split(deepforest_index, num_folds=2, holdout_fraction=0.2, seed=0)
+    return deepforest_root, split.to_json(tmp_path_factory.mktemp("manifest") / "split.json")
 
 
 def _manifest(path: Path, data: Path, split: Path) -> dict:
@@ -55,8 +56,6 @@ def test_manifest_has_every_field(forest: tuple[Path, Path], tmp_path: Path) -> 
     assert manifest["split"]["file_sha256"] == hashlib.sha256(split_path.read_bytes()).hexdigest()
     assert manifest["seeds"] == {"seed": 7, "folds": [7, 8]}
     assert set(manifest["packages"]) == {"python", *MANIFEST_PACKAGES}
-    import torch
-
     assert torch.__version__.startswith(manifest["packages"]["torch"])
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True)
     expected_commit = head.stdout.strip() if head.returncode == 0 else None
@@ -118,3 +117,50 @@ def test_missing_package_is_none() -> None:
     import numpy
 
     assert versions["numpy"] == numpy.__version__
+
+
+# ------------------------------------------------------------------------------------ same seed, same loss
+
+
+def _tiny_dataset(deepforest_root: Path, folder: Path, *, num_images: int = 4) -> Path:
+    """A COCO file of the first `num_images` annotated real DeepForest training tiles, copied to `folder`."""
+    coco = json.loads((deepforest_root / "train" / "_annotations.coco.json").read_text())
+    annotated = {a["image_id"] for a in coco["annotations"]}
+    images = [image for image in coco["images"] if image["id"] in annotated][:num_images]
+    folder.mkdir(parents=True)
+    for image in images:
+        shutil.copy(deepforest_root / "train" / image["file_name"], folder / image["file_name"])
+    ids = {image["id"] for image in images}
+    coco.update(images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
+    path = folder / "annotations.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+@pytest.mark.slow
+def test_two_train_runs_with_one_seed_give_the_same_first_epoch_loss(deepforest_root: Path, tmp_path: Path) -> None:
+    data = _tiny_dataset(deepforest_root, tmp_path / "tiny")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "seed: 3\n"
+        f"data: {{path: {data}, num_folds: 2, holdout_fraction: 0.0}}\n"
+        "model: {arch: faster_rcnn, backbone: mobilenet_v2, pretrained: false}\n"
+        "train: {epochs: 1, image_size: 96, batch_size: 2, eval_batch_size: 2}\n"
+    )
+    # Two separate processes (as two `detsweep train` runs are), started together on the 2 cores, with
+    # different hash seeds so that nothing may depend on set or dict-of-str ordering.
+    runs = []
+    for i in range(2):
+        env = {**os.environ, "PYTHONHASHSEED": str(i + 1)}
+        runs.append(subprocess.Popen(
+            [sys.executable, "-m", "detection.train", "--config", str(config), "--out", str(tmp_path / f"run{i}")],
+            cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for run in runs:
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output
+    first = [json.loads((tmp_path / f"run{i}" / "train.json").read_text())["history"][0] for i in range(2)]
+    assert math.isfinite(first[0]["loss"])
+    assert first[0]["loss"] == first[1]["loss"]
+    weights = [torch.load(tmp_path / f"run{i}" / "best.pt", weights_only=True) for i in range(2)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
