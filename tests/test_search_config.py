@@ -1,0 +1,162 @@
+"""Sweep YAML: the shipped configs validate, and bad ones fail before Ray starts with the key named."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from detection.config import ConfigError
+from search.cli import DEMO_CONFIG, main
+from search.config import DetectorChoice, SweepConfig, load_sweep_config, sweep_config_from_dict
+
+CLUSTER_CONFIG = DEMO_CONFIG.parent / "cluster_example.yaml"
+
+
+@pytest.fixture
+def coco_json(tmp_path: Path) -> Path:
+    """A minimal COCO file: config validation only checks that `data.path` is one."""
+    path = tmp_path / "ds" / "annotations.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    return path
+
+
+def demo_dict(data_path: Path) -> dict:
+    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    data["data"]["path"] = str(data_path)
+    return data
+
+
+def merged(base: dict, changes: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def test_demo_config_validates(coco_json):
+    cfg = sweep_config_from_dict(demo_dict(coco_json), where="demo")
+    assert cfg.data.num_folds == 2 and cfg.resources.gpus_per_fold == 0
+    assert cfg.detectors == (DetectorChoice("faster_rcnn", "mobilenet_v2"),)
+    # 0 coordinator + 2 folds x 1 CPU = 2 CPUs reserved per trial: fits a 2-core laptop
+    assert cfg.trial_cpus == 2 and cfg.trial_gpus == 0
+    assert cfg.search.space.lr.low == pytest.approx(0.003)  # YAML 1.1 reads 3e-3 style numbers as strings: coerced
+
+
+def test_cluster_example_validates():
+    cfg = load_sweep_config(CLUSTER_CONFIG, check_data=False)  # its data lives on the cluster's shared storage
+    assert [d.key for d in cfg.detectors] == ["faster_rcnn/resnet50_fpn", "faster_rcnn/efficientnet_b3",
+                                               "faster_rcnn/swin_s", "fcos_tal/resnet50"]
+    assert cfg.search.scheduler == "asha" and cfg.resources.gpus_per_fold == 1
+    assert cfg.trial_gpus == 5  # 5 folds x 1 GPU
+
+
+def test_empty_detector_list_means_the_base_model(coco_json):
+    data = merged(demo_dict(coco_json), {"model": {"arch": "faster_rcnn", "backbone": "resnet18"},
+                                         "search": {"space": {"detectors": []}}})
+    cfg = sweep_config_from_dict(data)
+    assert cfg.detectors == (DetectorChoice("faster_rcnn", "resnet18"),)
+
+
+def test_yaml_roundtrip_and_absolute_data_path(coco_json, tmp_path, monkeypatch):
+    monkeypatch.chdir(coco_json.parent.parent)  # a relative data.path resolves against the working directory
+    data = demo_dict(Path("ds") / coco_json.name)
+    data["search"]["space"]["detectors"] = [{"arch": "faster_rcnn", "backbone": "mobilenet_v2",
+                                             "lr": {"low": 1e-3, "high": 1e-2}}]
+    cfg = sweep_config_from_dict(data)
+    assert cfg.data.path == str(coco_json.resolve())
+    path = cfg.to_yaml(tmp_path / "out" / "sweep.yaml")
+    again = load_sweep_config(path)
+    assert again == cfg and isinstance(again.search.space.batch_size, tuple)
+
+
+def test_smoke_test_is_the_same_sweep_small(coco_json):
+    cfg = sweep_config_from_dict(demo_dict(coco_json)).smoke_test().validate()
+    assert (cfg.train.epochs, cfg.search.num_samples, cfg.data.num_folds) == (1, 2, 2)
+    assert cfg.train.image_size == 128  # min(320, 128)
+    assert cfg.detectors == sweep_config_from_dict(demo_dict(coco_json)).detectors
+
+
+BAD_CASES = [
+    pytest.param({"search": {"num_sampels": 3}}, "search.num_sampels", "allowed keys", id="unknown-key"),
+    pytest.param({"epochs": 3}, "epochs", "allowed keys", id="unknown-top-level-key"),
+    pytest.param({"search": {"space": {"lr": {"low": 0.1, "high": 0.001}}}}, "search.space.lr",
+                 "`low <= high` must hold, but got (low=0.1, high=0.001)", id="lr-range-reversed"),
+    pytest.param({"search": {"space": {"detectors": [{"arch": "faster_rcnn", "backbone": "mobilenet_v2",
+                                                      "lr": {"low": 0.1, "high": 0.01}}]}}},
+                 "search.space.detectors[0].lr", "`low <= high` must hold", id="detector-lr-range-reversed"),
+    pytest.param({"search": {"space": {"lr": {"low": 0.0, "high": 0.01}}}}, "search.space.lr", "`low > 0`",
+                 id="lr-log-range-from-zero"),
+    pytest.param({"search": {"space": {"batch_size": [0, 4]}}}, "search.space.batch_size[0]", "integer >= 1",
+                 id="batch-size-zero"),
+    pytest.param({"search": {"space": {"batch_size": []}}}, "search.space.batch_size", "non-empty",
+                 id="batch-size-empty-list"),
+    pytest.param({"train": {"batch_size": 0}}, "train.batch_size", "integer >= 1", id="base-batch-size-zero"),
+    pytest.param({"data": {"path": "no/such/dataset"}}, "data.path", "a COCO .json file or a Roboflow export folder",
+                 id="missing-dataset"),
+    pytest.param({"data": {"num_folds": 1}}, "data.num_folds", "integer >= 2", id="one-fold"),
+    pytest.param({"search": {"space": {"detectors": [{"arch": "yolo", "backbone": "mobilenet_v2"}]}}},
+                 "search.space.detectors[0].arch", "faster_rcnn", id="unknown-arch"),
+    pytest.param({"search": {"space": {"detectors": [{"arch": "faster_rcnn", "backbone": "vgg99"}]}}},
+                 "search.space.detectors[0].backbone", "mobilenet_v2", id="unknown-backbone"),
+    pytest.param({"resources": {"gpus_per_fold": -1}}, "resources.gpus_per_fold", "a fraction", id="negative-gpus"),
+    pytest.param({"resources": {"gpus_per_fold": 1.5}}, "resources.gpus_per_fold", "whole number",
+                 id="gpus-above-one-not-whole"),
+    pytest.param({"resources": {"cpus_per_fold": 0}}, "resources.cpus_per_fold", "> 0", id="zero-cpus"),
+    pytest.param({"search": {"scheduler": "hyperband"}}, "search.scheduler", "'asha'", id="unknown-scheduler"),
+    pytest.param({"search": {"scheduler": "asha", "asha": {"grace_period": 9}}}, "search.asha.grace_period",
+                 "train.epochs=3", id="asha-grace-beyond-epochs"),
+    pytest.param({"search": {"metric": "accuracy"}}, "search.metric", "score_mean", id="unknown-metric"),
+    pytest.param({"search": {"space": {"score_threshold": {"low": 0.5, "high": 1.0}}}},
+                 "search.space.score_threshold", "[0.0, 1.0)", id="threshold-up-to-one"),
+    pytest.param({"ensemble": {"conf_type": "mean"}}, "ensemble.conf_type", "box_and_model_avg",
+                 id="unknown-wbf-conf-type"),
+    pytest.param({"search": {"space": {"detectors": [{"arch": "faster_rcnn", "backbone": "mobilenet_v2",
+                                                      "lr": {"low": 0.001}}]}}}, "high", "missing",
+                 id="range-without-high"),
+]
+
+
+@pytest.mark.parametrize("changes, key, expected", BAD_CASES)
+def test_bad_sweep_config_fails_before_ray_starts(tmp_path, coco_json, capsys, changes, key, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(merged(demo_dict(coco_json), changes)))
+    storage = tmp_path / "experiments"
+    assert not ray.is_initialized()
+    with pytest.raises(SystemExit) as info:
+        main(["sweep", "--config", str(path), "--storage", str(storage), "--no-dashboard"])
+    assert info.value.code == 2
+    message = capsys.readouterr().err
+    assert str(path) in message and expected in message
+    assert (f"`{key}`" if key != "high" else "'high'") in message
+    assert not ray.is_initialized()
+    assert not storage.exists()  # nothing written either
+
+
+def test_folder_without_annotations_is_not_a_dataset(tmp_path, coco_json):
+    empty = tmp_path / "export"
+    (empty / "train").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"`data\.path` must be a COCO \.json file or a Roboflow export folder"):
+        sweep_config_from_dict(merged(demo_dict(coco_json), {"data": {"path": str(empty)}}))
+
+
+def test_resume_and_status_name_a_folder_that_is_no_experiment(tmp_path, capsys):
+    for command in ("resume", "status"):
+        with pytest.raises(SystemExit) as info:
+            main([command, str(tmp_path)])
+        assert info.value.code == 2
+        assert "sweep.yaml" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_defaults_validate_without_data_check():
+    cfg = SweepConfig().validate(check_data=False)
+    assert cfg.search.space.batch_size == (4, 8) and cfg.search.metric == "score_mean"

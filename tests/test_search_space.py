@@ -1,0 +1,136 @@
+"""The define-by-run space with a real Optuna study, and the searcher that Tune drives (no Ray cluster)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import optuna
+import pytest
+
+from search.config import DetectorChoice, FloatRange, SweepConfig
+from search.space import PARAM_KEYS, DetectorSpace, build_search_space, lr_param_name
+from search.tuner import OPTUNA_DB, build_searcher, close_optuna_study, optuna_storage_url
+
+SPACE = DetectorSpace(
+    detectors=(DetectorChoice("faster_rcnn", "mobilenet_v2"),
+               DetectorChoice("fcos_tal", "resnet18", lr=FloatRange(1e-5, 1e-4))),
+    lr=FloatRange(1e-3, 1e-1),
+    batch_sizes=(4, 8),
+    score_threshold=FloatRange(0.2, 0.6),
+)
+
+
+def tpe(seed: int) -> optuna.samplers.TPESampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=5)
+
+
+def run_study(seed: int, n_trials: int) -> list[dict]:
+    """Sample `n_trials` configs the way OptunaSearch does: suggested values merged with the returned dict."""
+    study = optuna.create_study(direction="maximize", sampler=tpe(seed))
+    configs = []
+
+    def objective(trial: optuna.Trial) -> float:
+        returned = SPACE(trial)
+        config = {**trial.params, **returned}
+        configs.append(config)
+        # A made-up smooth score so that TPE has something to model: best near lr 1e-2 and threshold 0.4.
+        return -abs(math.log10(config["lr"]) + 2) - abs(config["score_threshold"] - 0.4)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.optimize(objective, n_trials=n_trials)
+    return configs
+
+
+def test_space_samples_valid_values_with_a_real_study():
+    study = optuna.create_study(direction="maximize", sampler=tpe(0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        returned = SPACE(trial)
+        config = {**trial.params, **returned}  # what OptunaSearch hands the trainable
+        assert set(PARAM_KEYS) <= set(config)
+        choice = {d.key: d for d in SPACE.detectors}[config["detector"]]
+        lr_range = choice.lr or SPACE.lr
+        assert lr_range.low <= config["lr"] <= lr_range.high
+        assert config["lr"] == trial.params[lr_param_name(choice, num_detectors=2)]
+        assert config["batch_size"] in (4, 8) and isinstance(config["batch_size"], int)
+        assert 0.2 <= config["score_threshold"] <= 0.6
+        seen.add(config["detector"])
+        study.tell(trial, -abs(math.log10(config["lr"]) + 2))
+    assert seen == {"faster_rcnn/mobilenet_v2", "fcos_tal/resnet18"}
+    # Each detector's lr is its own (conditional) Optuna parameter.
+    names = {name for t in study.trials for name in t.params}
+    assert names == {"detector", "lr_faster_rcnn_mobilenet_v2", "lr_fcos_tal_resnet18", "batch_size",
+                     "score_threshold"}
+
+
+def test_same_seed_same_proposals():
+    assert run_study(3, 12) == run_study(3, 12)
+    assert run_study(3, 12) != run_study(4, 12)
+
+
+def test_single_detector_and_single_batch_size():
+    space = DetectorSpace(detectors=(DetectorChoice("faster_rcnn", "mobilenet_v2"),), lr=FloatRange(0.01, 0.01),
+                          batch_sizes=(4,), score_threshold=FloatRange(0.3, 0.3))
+    trial = optuna.create_study().ask()
+    returned = space(trial)
+    assert {**trial.params, **returned} == {"detector": "faster_rcnn/mobilenet_v2", "lr": 0.01, "batch_size": 4,
+                                            "score_threshold": 0.3}
+
+
+def test_param_keys_are_what_the_trainable_reads():
+    from trainables.trial import TRIAL_PARAMS
+
+    assert PARAM_KEYS == TRIAL_PARAMS
+
+
+def test_empty_space_is_refused():
+    with pytest.raises(ValueError, match="at least one detector"):
+        DetectorSpace(detectors=(), lr=FloatRange(0.01, 0.1), batch_sizes=(4,), score_threshold=FloatRange(0.3, 0.5))
+
+
+def test_searcher_writes_the_study_to_sqlite_and_survives_a_pickle(tmp_path):
+    """What resume relies on: Tune pickles the searcher; the restored one continues the same study."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    config = SweepConfig().validate(check_data=False)
+    assert build_search_space(config=config).detectors == (DetectorChoice("faster_rcnn", "mobilenet_v2"),)
+    limiter = build_searcher(config, experiment_dir=tmp_path, study_name="s")
+    first = limiter.suggest("t1")
+    assert set(first) == set(PARAM_KEYS)
+    limiter.on_trial_result("t1", {"score_mean": 0.25, "training_iteration": 1})
+    assert limiter.suggest("t2") is None  # max_concurrent_trials = 1 (the default)
+    limiter.on_trial_complete("t1", {"score_mean": 0.5, "training_iteration": 2})
+    second = limiter.suggest("t2")
+    assert set(second) == set(PARAM_KEYS)
+
+    limiter.searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = OptunaSearch()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_complete("t2", {"score_mean": 0.75, "training_iteration": 2})
+    third = restored.suggest("t3")
+    assert set(third) == set(PARAM_KEYS)
+
+    study = optuna.load_study(study_name="s", storage=optuna_storage_url(tmp_path))
+    assert (tmp_path / OPTUNA_DB).is_file()
+    states = [t.state for t in study.trials]
+    C, R = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
+    assert states == [C, C, R]
+    assert [t.value for t in study.trials[:2]] == [0.5, 0.75]
+    assert study.trials[0].intermediate_values == {1: 0.25}
+    assert study.trials[0].params["lr"] == first["lr"]
+
+    # A driver killed mid-trial leaves t3 RUNNING in the study; closing marks it failed.
+    assert close_optuna_study(tmp_path) == 1
+    study = optuna.load_study(study_name="s", storage=optuna_storage_url(tmp_path))
+    assert [t.state for t in study.trials][-1] == optuna.trial.TrialState.FAIL
+    assert close_optuna_study(tmp_path) == 0
+
+
+def test_close_without_a_study_is_a_no_op(tmp_path):
+    assert close_optuna_study(tmp_path) == 0
