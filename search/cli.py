@@ -1,0 +1,219 @@
+"""`detsweep`: the command line.
+
+    detsweep sweep  [--config X.yaml] [--address auto] [--storage PATH] [--name NAME] [--smoke-test]
+    detsweep resume PATH [--retry-errored]
+    detsweep status PATH
+
+Each command is a small `cmd_<name>(args) -> int`; Ray and Optuna are imported inside the commands that
+use them, so commands without Ray (`train`) work on a machine that has torch but no Ray. Bad configs and
+datasets are reported as one line naming the file and key (exit status 2), before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from detection.config import ConfigError
+
+__all__ = ["DEMO_CONFIG", "build_parser", "cmd_resume", "cmd_status", "cmd_sweep", "main"]
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # the embedded default
+
+logger = logging.getLogger("detsweep")
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Validate the config, write the experiment folder, run the Tuner, then the ensemble job."""
+    from search.config import load_sweep_config
+    from search.tuner import build_tuner, init_ray, new_experiment_dir, prepare_experiment
+
+    config = load_sweep_config(args.config)
+    if args.smoke_test:
+        config = config.smoke_test().validate(str(args.config))
+    experiment_dir = new_experiment_dir(config, storage=args.storage, name=args.name)
+    prepare_experiment(config, experiment_dir=experiment_dir)
+    _say(f"experiment: {experiment_dir}\n  watch:  detsweep status {experiment_dir}\n"
+         f"  resume: detsweep resume {experiment_dir}")
+
+    init_ray(config, address=args.address, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host)
+    tuner = build_tuner(config, experiment_dir=experiment_dir)
+    return _finish(tuner, experiment_dir, config=config, ensemble=not args.no_ensemble)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a killed or failed sweep from its experiment folder, then run the ensemble job."""
+    from search.tuner import init_ray, load_experiment, restore_tuner
+
+    experiment_dir = Path(args.path).resolve()
+    config = load_experiment(experiment_dir)
+    init_ray(config, address=args.address, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host)
+    tuner = restore_tuner(experiment_dir, retry_errored=args.retry_errored)
+    return _finish(tuner, experiment_dir, config=config, ensemble=not args.no_ensemble)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the leaderboard so far of a running or finished sweep (reads files only; starts no Ray)."""
+    from search.tuner import format_status, load_experiment, sweep_status
+
+    experiment_dir = Path(args.path).resolve()
+    config = load_experiment(experiment_dir)
+    rows = sweep_status(experiment_dir)
+    _say(f"{experiment_dir} (metric {config.search.metric}, {config.train.epochs} epochs, "
+         f"{config.data.num_folds} folds)\n" + format_status(rows, num_samples=config.search.num_samples))
+    return 0
+
+
+# Leave room here: `cmd_ensemble` (search/ensemble.py's engineer), `cmd_train` and `cmd_data` (the lead).
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the experiment's self-contained HTML report (leaderboard, Optuna, curves, best ensemble)."""
+    from search.report import write_report
+
+    _say(f"report: {write_report(args.path, out=args.out, max_images=args.max_images)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Run the best ensemble on images; unreadable images are reported on stderr and skipped."""
+    from search.ensemble import EnsembleError
+    from search.predict import PredictError, predict_images
+
+    try:
+        summary = predict_images(args.ensemble, args.inputs, out=args.out, draw_dir=args.draw, device=args.device,
+                                 batch_size=args.batch_size)
+    except (PredictError, EnsembleError) as error:
+        print(f"detsweep predict: error: {error}", file=sys.stderr)
+        return 2
+    _say(f"{summary.num_images} images, {summary.num_detections} boxes -> {summary.out}"
+         + (f"; drawn to {args.draw}" if args.draw else "")
+         + (f"; {len(summary.skipped)} unreadable image(s) skipped" if summary.skipped else ""))
+    return 0 if summary.num_images else 1
+
+
+def cmd_export_best(args: argparse.Namespace) -> int:
+    """Write the best trial's full training config as a training YAML."""
+    from search.export import export_best_config
+
+    out = export_best_config(args.path, args.out)
+    _say(f"wrote {out}; retrain on every labelled image with: detsweep train --config {out} --all-data")
+    return 0
+
+
+def _finish(tuner, experiment_dir: Path, *, config, ensemble: bool) -> int:
+    """Run the Tuner, close the Optuna study, run the ensemble job and print the leaderboard."""
+    import ray
+
+    from search.tuner import close_optuna_study, format_status, sweep_status
+
+    try:
+        results = tuner.fit()
+        closed = close_optuna_study(experiment_dir)
+        if closed:
+            logger.info("Marked %d Optuna trials left running by an interrupted driver as failed.", closed)
+        rows = sweep_status(experiment_dir)
+        _say("\n" + format_status(rows, num_samples=config.search.num_samples))
+        finished = [r for r in rows if r.status == "TERMINATED" and r.epochs > 0]
+        if not finished:
+            _say(f"no trial finished ({results.num_errors} errored); see {experiment_dir}/tune/*/error.txt")
+            return 1
+        if ensemble:
+            from search.ensemble import run_ensemble
+
+            leaderboard = Path(run_ensemble(experiment_dir))
+            md = leaderboard.with_suffix(".md")
+            _say("\n" + (md if md.is_file() else leaderboard).read_text())
+    finally:
+        ray.shutdown()
+    _say(f"experiment: {experiment_dir}")
+    return 0
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address ('auto' under `ray job submit`); default: an embedded local Ray")
+    parser.add_argument("--dashboard-host", default="127.0.0.1",
+                        help="interface the local Ray dashboard binds (default 127.0.0.1: this machine only)")
+    parser.add_argument("--no-dashboard", action="store_true", help="start the local Ray without its dashboard")
+    parser.add_argument("--no-ensemble", action="store_true", help="skip the final ensemble job")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detsweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sweep", help="run a hyperparameter sweep (Ray Tune + Optuna), then the ensemble job")
+    p.add_argument("--config", type=Path, default=DEMO_CONFIG, help=f"sweep YAML (default {DEMO_CONFIG.name})")
+    p.add_argument("--storage", default=None, help="experiments folder (overrides `storage`; shared on a cluster)")
+    p.add_argument("--name", default=None, help="experiment folder name (default: <config name>-<timestamp>)")
+    p.add_argument("--smoke-test", action="store_true", help="the same sweep, small: 2 trials x 1 epoch")
+    _add_ray_options(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("resume", help="continue an interrupted sweep (finished trials are kept)")
+    p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
+    p.add_argument("--retry-errored", action="store_true", help="also resume errored trials from their checkpoints")
+    _add_ray_options(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="the leaderboard so far of a running or finished sweep")
+    p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
+    p.set_defaults(func=cmd_status)
+
+    # `ensemble`, `train` and `data` subcommands are added here.
+
+    p = sub.add_parser("report", help="write the experiment's self-contained HTML report")
+    p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
+    p.add_argument("--out", type=Path, default=None, help="HTML file to write (default <experiment>/report.html)")
+    p.add_argument("--max-images", type=int, default=8, help="held-out images shown with the best ensemble's boxes")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="run the best ensemble on image files or folders (COCO JSON out)")
+    p.add_argument("--ensemble", type=Path, required=True, help="<experiment>/best_ensemble.json")
+    p.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="COCO JSON to write (images, categories, annotations)")
+    p.add_argument("--draw", type=Path, default=None, help="folder for PNGs with the predicted boxes drawn")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export-best", help="write the best trial's training config (for `detsweep train`)")
+    p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
+    p.add_argument("--out", type=Path, required=True, help="training YAML to write, e.g. best.yaml")
+    p.set_defaults(func=cmd_export_best)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        parser.exit(2, f"detsweep {args.command}: error: {error}\n")
+    except ValueError as error:
+        from detection.data.coco import DatasetError
+
+        if isinstance(error, DatasetError):
+            parser.exit(2, f"detsweep {args.command}: error: {error}\n")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""The sweep driver: experiment folder, Ray, the Tuner (OptunaSearch + optional ASHA), resume and status.
+
+Everything that can fail on a bad config or dataset runs before Ray starts: `prepare_experiment` reads the
+dataset, makes the split once and writes `sweep.yaml` + `split.json`; only then `init_ray` and
+`run_sweep`. Experiment folder (docs/INTERFACES.md):
+
+    <storage>/<name>/sweep.yaml     resolved config (absolute data.path); `resume` and the ensemble read it
+    <storage>/<name>/split.json     `detection.data.splits.Split`, shared by every trial and the ensemble
+    <storage>/<name>/optuna.db      the Optuna study (SQLite), written live by OptunaSearch
+    <storage>/<name>/tune/          the Ray Tune experiment (`Tuner.restore` reads it)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from detection.config import ConfigError
+from search.config import SweepConfig, load_sweep_config
+from search.space import build_search_space
+
+if TYPE_CHECKING:
+    from ray import tune
+    from ray.tune import ResultGrid
+    from ray.tune.experiment import Trial
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OPTUNA_DB",
+    "SPLIT_JSON",
+    "SWEEP_YAML",
+    "TUNE_DIR",
+    "TrialStatus",
+    "build_run_config",
+    "build_scheduler",
+    "build_searcher",
+    "build_trainable",
+    "build_tuner",
+    "close_optuna_study",
+    "format_status",
+    "init_ray",
+    "new_experiment_dir",
+    "optuna_storage_url",
+    "prepare_experiment",
+    "restore_tuner",
+    "sweep_status",
+    "sweep_trial",
+]
+
+SWEEP_YAML = "sweep.yaml"
+SPLIT_JSON = "split.json"
+OPTUNA_DB = "optuna.db"
+TUNE_DIR = "tune"  # RunConfig(storage_path=<experiment>, name=TUNE_DIR)
+
+# Columns of the live progress table and of `detsweep status`.
+PARAM_COLUMNS = {"detector": "detector", "lr": "lr", "batch_size": "batch", "score_threshold": "thr"}
+
+
+# ------------------------------------------------------------------------------------ experiment folder
+
+
+def new_experiment_dir(config: SweepConfig, *, storage: str | None = None, name: str | None = None) -> Path:
+    """`<storage>/<name>` as an absolute path: `--storage`/`--name` override `storage`/`name` of the config;
+    without `--name` the folder is `<config name>-<YYYYmmdd-HHMMSS>` so that repeated sweeps never collide.
+
+    Raises:
+        ConfigError: for a URI storage (s3://...), or when the folder already holds a Tune experiment.
+    """
+    storage = storage or config.storage
+    if "://" in storage:
+        raise ConfigError(f"`storage` {storage!r}: expected a local or shared-filesystem path (NFS, EFS, "
+                          "a mounted bucket); URIs are not supported because trials read split.json from it.")
+    folder = name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not folder or "/" in folder:
+        raise ConfigError(f"`--name` must be a folder name without '/', got {folder!r}.")
+    path = Path(storage).expanduser().resolve() / folder
+    if (path / TUNE_DIR).exists():
+        raise ConfigError(f"{path} already holds a sweep; continue it with `detsweep resume {path}` "
+                          "or choose another `--name`.")
+    return path
+
+
+def prepare_experiment(config: SweepConfig, *, experiment_dir: Path) -> Path:
+    """Index the dataset, make the split once and write `sweep.yaml` and `split.json`. Runs before Ray.
+
+    Returns the path of `split.json`. Raises `detection.data.coco.DatasetError` on a malformed dataset.
+    """
+    from detection.data.coco import load_dataset
+    from detection.data.splits import make_split
+
+    index = load_dataset(config.data.path, filter_empty=config.data.filter_empty)
+    split = make_split(index, num_folds=config.data.num_folds, holdout_fraction=config.data.holdout_fraction,
+                       seed=config.seed)
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    config.to_yaml(experiment_dir / SWEEP_YAML)
+    split_path = experiment_dir / SPLIT_JSON
+    split.to_json(split_path)
+    logger.info("%s: %d images, %d held out, %d folds (split %s).", config.data.path, len(index),
+                len(split.holdout), split.num_folds, split.hash[:12])
+    return split_path
+
+
+def optuna_storage_url(experiment_dir: Path) -> str:
+    return f"sqlite:///{Path(experiment_dir).resolve() / OPTUNA_DB}"
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+
+
+def init_ray(config: SweepConfig, *, address: str | None = None, dashboard: bool = True,
+             dashboard_host: str = "127.0.0.1") -> None:
+    """Connect to a cluster (`address="auto"` under `ray job submit`) or start an embedded local Ray.
+
+    Locally Ray gets all cores, and at least what one trial reserves (its coordinator bundle mostly waits,
+    so e.g. 2 folds x 1 CPU + 0.1 coordinator CPUs runs on a 2-core laptop); the dashboard binds
+    `dashboard_host` (loopback unless told otherwise).
+
+    Raises:
+        ConfigError: when a trial needs more GPUs than a local machine has (it would wait forever).
+    """
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    cores = os.cpu_count() or 1
+    num_cpus = max(cores, math.ceil(config.trial_cpus))
+    if num_cpus > cores:
+        logger.warning("One trial reserves %.2f CPUs (resources.coordinator_cpus + data.num_folds x "
+                       "resources.cpus_per_fold) on a %d-core machine: Ray is told %d CPUs.",
+                       config.trial_cpus, cores, num_cpus)
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host, log_to_driver=True)
+    have_gpus = ray.cluster_resources().get("GPU", 0.0)
+    if config.trial_gpus > have_gpus:
+        ray.shutdown()
+        raise ConfigError(
+            f"`resources.gpus_per_fold` = {config.resources.gpus_per_fold} x {config.data.num_folds} folds needs "
+            f"{config.trial_gpus} GPUs per trial, but this machine has {have_gpus:g}; use gpus_per_fold: 0 on a "
+            "CPU machine, or `--address auto` on a cluster that autoscales GPU workers.")
+
+
+# --------------------------------------------------------------------------------------------- Tuner
+
+
+def build_searcher(config: SweepConfig, *, experiment_dir: Path, study_name: str | None = None) -> Any:
+    """OptunaSearch over the define-by-run space with a seeded multivariate TPE, in a ConcurrencyLimiter.
+
+    The study lives in `<experiment>/optuna.db` from the first suggestion on (optuna-dashboard can watch
+    it); Tune pickles the searcher with the experiment state, and the pickled RDB storage reconnects to
+    the same file on `resume`, so the Optuna history is kept.
+    """
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = config.search
+    with warnings.catch_warnings():
+        # multivariate/group/constant_liar are marked experimental in Optuna 4.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # group=True: TPE models the per-detector `lr_<arch>_<backbone>` params as conditional groups.
+        sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True, constant_liar=True,
+                                             n_startup_trials=search.n_startup_trials)
+    storage = optuna.storages.RDBStorage(optuna_storage_url(experiment_dir))
+    searcher = OptunaSearch(space=build_search_space(config=config), metric=search.metric, mode=search.mode,
+                            sampler=sampler, storage=storage, study_name=study_name or Path(experiment_dir).name)
+    return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent_trials)
+
+
+def build_scheduler(config: SweepConfig) -> Any:
+    """ASHA on `training_iteration` (= epoch) when `search.scheduler` is "asha", else None (FIFO)."""
+    if config.search.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    asha = config.search.asha
+    return ASHAScheduler(time_attr="training_iteration", metric=config.search.metric, mode=config.search.mode,
+                         max_t=config.train.epochs, grace_period=asha.grace_period,
+                         reduction_factor=asha.reduction_factor)
+
+
+def sweep_trial(config: dict[str, Any], *, setup: Any) -> None:
+    """The Tune trainable of a sweep: `trainables.trial.train_trial` with the trial params only.
+
+    OptunaSearch puts every suggested value into the config, also the per-detector `lr_<arch>_<backbone>`
+    (see search/space.py) whose value the space hands on as `lr`; `train_trial` takes `TRIAL_PARAMS`.
+    """
+    from trainables.trial import TRIAL_PARAMS, train_trial
+
+    train_trial({k: v for k, v in config.items() if k in TRIAL_PARAMS}, setup=setup)
+
+
+def build_trainable(config: SweepConfig, *, experiment_dir: Path) -> Any:
+    """`sweep_trial` with its TrialSetup bound and the trial's placement group (coordinator + K folds)."""
+    from ray import tune
+
+    from trainables.trial import TrialSetup, trial_resources
+
+    setup = TrialSetup(base=config.base, split_path=str(Path(experiment_dir).resolve() / SPLIT_JSON),
+                       resources=config.resources)
+    trainable = tune.with_parameters(sweep_trial, setup=setup)
+    return tune.with_resources(trainable, trial_resources(config.data.num_folds, config.resources))
+
+
+def _trial_dirname(trial: Trial) -> str:
+    # Short, stable folder names: the default one spells out the params (with "/" from the detector key).
+    return f"trial_{trial.trial_id}"
+
+
+def build_run_config(config: SweepConfig, *, experiment_dir: Path) -> tune.RunConfig:
+    from ray import tune
+
+    reporter = tune.CLIReporter(
+        parameter_columns=PARAM_COLUMNS,
+        metric_columns={"training_iteration": "epoch", "score_mean": "score", "score_std": "+-",
+                        "map_50_mean": "map_50", "f1_mean": "f1"},
+        metric=config.search.metric, mode=config.search.mode, sort_by_metric=True, max_report_frequency=30,
+        max_column_length=28,  # "faster_rcnn/efficientnet_b3" whole
+    )
+    return tune.RunConfig(
+        storage_path=str(Path(experiment_dir).resolve()),
+        name=TUNE_DIR,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest resume state; best models live inside
+        failure_config=tune.FailureConfig(max_failures=config.failure.max_failures),
+        progress_reporter=reporter,
+        verbose=2,
+    )
+
+
+def _use_cli_reporter() -> None:
+    # Ray's default "AIR" console output ignores a ProgressReporter; the classic one honours our columns.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def build_tuner(config: SweepConfig, *, experiment_dir: Path) -> tune.Tuner:
+    """The Tuner of a prepared experiment folder (see `prepare_experiment`)."""
+    from ray import tune
+
+    _use_cli_reporter()
+    tune_config = tune.TuneConfig(
+        search_alg=build_searcher(config, experiment_dir=experiment_dir),
+        scheduler=build_scheduler(config),
+        num_samples=config.search.num_samples,
+        trial_dirname_creator=_trial_dirname,
+    )
+    return tune.Tuner(build_trainable(config, experiment_dir=experiment_dir), tune_config=tune_config,
+                      run_config=build_run_config(config, experiment_dir=experiment_dir))
+
+
+def restore_tuner(experiment_dir: Path, *, retry_errored: bool = False) -> tune.Tuner:
+    """`Tuner.restore` of `<experiment>/tune`: unfinished trials continue from their latest checkpoint,
+    errored ones too when `retry_errored`; finished trials are kept as they are. The searcher (and with it
+    the Optuna study and the count of trials still to sample) comes back from the experiment state.
+    Without any Tune state yet, a new Tuner over the saved sweep.yaml and split.json."""
+    from ray import tune
+
+    experiment_dir = Path(experiment_dir).resolve()
+    config = load_experiment(experiment_dir)
+    tune_dir = experiment_dir / TUNE_DIR
+    if not tune.Tuner.can_restore(str(tune_dir)):
+        # The driver died after writing sweep.yaml and split.json but before Tune saved any state.
+        logger.info("%s: no Tune experiment state yet; starting the sweep from its saved config.", tune_dir)
+        return build_tuner(config, experiment_dir=experiment_dir)
+    _use_cli_reporter()
+    return tune.Tuner.restore(str(tune_dir), trainable=build_trainable(config, experiment_dir=experiment_dir),
+                              resume_unfinished=True, resume_errored=retry_errored, restart_errored=False)
+
+
+def load_experiment(experiment_dir: Path) -> SweepConfig:
+    """The SweepConfig saved in an experiment folder.
+
+    Raises:
+        ConfigError: when the folder is not a detsweep experiment.
+    """
+    experiment_dir = Path(experiment_dir)
+    for name in (SWEEP_YAML, SPLIT_JSON):
+        if not (experiment_dir / name).is_file():
+            raise ConfigError(f"{experiment_dir}: expected a detsweep experiment folder holding {SWEEP_YAML}, "
+                              f"{SPLIT_JSON} and {TUNE_DIR}/, but {name} is missing.")
+    return load_sweep_config(experiment_dir / SWEEP_YAML)
+
+
+def close_optuna_study(experiment_dir: Path) -> int:
+    """Mark Optuna trials still RUNNING as FAIL once no Tune trial runs (a sweep killed before their end left
+    them; TPE's constant liar would otherwise treat them as in flight forever). Returns how many."""
+    import optuna
+
+    path = Path(experiment_dir) / OPTUNA_DB
+    if not path.is_file():
+        return 0
+    closed = 0
+    storage = optuna.storages.RDBStorage(optuna_storage_url(experiment_dir))
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            closed += 1
+    return closed
+
+
+# -------------------------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True)
+class TrialStatus:
+    """One row of the leaderboard so far."""
+
+    trial_id: str
+    status: str  # PENDING, RUNNING, PAUSED, TERMINATED, ERROR
+    detector: str
+    lr: float | None
+    batch_size: int | None
+    score_threshold: float | None
+    epochs: int  # epochs reported so far (training_iteration)
+    score_mean: float | None
+    score_std: float | None
+    best_score: float | None
+    error: str | None = None
+
+
+def sweep_status(experiment_dir: Path) -> list[TrialStatus]:
+    """The trials of a running or finished sweep, best `score_mean` first (no Ray cluster needed).
+
+    Reads Tune's experiment state (trial status and config, saved at least every few seconds and on each
+    checkpoint) and each trial's `result.json` (appended on every report, so it is newer).
+    """
+    from ray.tune import ExperimentAnalysis
+
+    tune_dir = Path(experiment_dir).resolve() / TUNE_DIR
+    if not tune_dir.is_dir():
+        raise ConfigError(f"{experiment_dir}: no Tune experiment ({TUNE_DIR}/) yet; start one with `detsweep sweep`.")
+    for attempt in range(3):
+        try:  # the state file may be half-written while the sweep runs: read again
+            analysis = ExperimentAnalysis(str(tune_dir))
+            break
+        except (ValueError, OSError) as error:
+            if attempt == 2:
+                raise ConfigError(f"{tune_dir}: cannot read the Tune experiment state: {error}") from error
+            time.sleep(1.0)
+    rows = []
+    frames = analysis.trial_dataframes
+    for trial in analysis.trials:
+        last: dict[str, Any] = dict(trial.last_result or {})
+        frame = frames.get(trial.trial_id)
+        if frame is not None and len(frame) and int(frame["training_iteration"].iloc[-1]) >= int(
+                last.get("training_iteration", 0)):
+            last = frame.iloc[-1].to_dict()
+        config = trial.config or {}
+        error = None
+        if trial.status == "ERROR":
+            error = _first_error_line(trial)
+        rows.append(TrialStatus(
+            trial_id=trial.trial_id, status=trial.status, detector=str(config.get("detector", "?")),
+            lr=config.get("lr"), batch_size=config.get("batch_size"), score_threshold=config.get("score_threshold"),
+            epochs=int(last.get("training_iteration", 0) or 0), score_mean=_float(last.get("score_mean")),
+            score_std=_float(last.get("score_std")), best_score=_float(last.get("best_score")), error=error,
+        ))
+    return sorted(rows, key=lambda r: (r.score_mean is None, -(r.score_mean or 0.0), r.trial_id))
+
+
+def _float(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _first_error_line(trial: Trial) -> str | None:
+    path = trial.storage.trial_fs_path if trial.storage else None
+    if path and (Path(path) / "error.txt").is_file():
+        lines = [line for line in (Path(path) / "error.txt").read_text().splitlines() if line.strip()]
+        return lines[-1][:200] if lines else None
+    return None
+
+
+def format_status(rows: list[TrialStatus], *, num_samples: int | None = None) -> str:
+    """A Markdown table of `sweep_status` rows."""
+    head = "| rank | trial | status | detector | lr | batch | thr | epochs | score_mean +- std | best fold |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for rank, r in enumerate(rows, start=1):
+        score = "-" if r.score_mean is None else f"{r.score_mean:.4f} +- {r.score_std or 0.0:.4f}"
+        lines.append(
+            f"| {rank} | {r.trial_id} | {r.status} | {r.detector} | {_fmt(r.lr, '.2e')} | {_fmt(r.batch_size, 'd')} "
+            f"| {_fmt(r.score_threshold, '.3f')} | {r.epochs} | {score} | {_fmt(r.best_score, '.4f')} |")
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    total = f"{len(rows)}/{num_samples}" if num_samples else str(len(rows))
+    lines.append("")
+    lines.append(f"{total} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
+    for r in rows:
+        if r.error:
+            lines.append(f"{r.trial_id} errored: {r.error}")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
