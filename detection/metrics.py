@@ -23,6 +23,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
 
 __all__ = [
+    "MAX_DETECTIONS",
     "METRIC_NAMES",
     "detection_metrics",
     "f1_at_iou",
@@ -40,6 +41,10 @@ _MAP_BACKEND = "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval"
 _COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()
 _COCO_REC_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
 
+# COCO counts 100 detections per image; dense scenes (tree crowns: up to a few hundred per tile) need
+# more, and the project's detectors return up to 300 (torchvision's box_detections_per_img).
+MAX_DETECTIONS = 300
+
 Detections = Sequence[Mapping[str, torch.Tensor]]
 
 
@@ -49,6 +54,7 @@ def detection_metrics(
     *,
     score_threshold: float,
     class_names: Sequence[str],
+    max_detections: int = MAX_DETECTIONS,
 ) -> dict[str, float]:
     """All validation metrics of one split, as plain floats.
 
@@ -64,13 +70,15 @@ def detection_metrics(
         targets: one dict per image (``boxes`` [M, 4] xyxy absolute, ``labels`` [M]), same order.
         score_threshold: minimum score of a prediction counted by F1.
         class_names: name of label ``i + 1`` at index ``i``.
+        max_detections: highest-scored detections per image that mAP counts (see
+            :data:`MAX_DETECTIONS`); F1 counts every detection above the threshold.
 
     Returns:
         ``map, map_50, map_75, f1, precision, recall, score`` and ``ap/<name>``, ``ap_50/<name>``
         for every class name.
     """
     _check_inputs(preds, targets)
-    result = mean_average_precision(preds, targets, class_names=class_names)
+    result = mean_average_precision(preds, targets, class_names=class_names, max_detections=max_detections)
     precision, recall, f1 = f1_at_iou(preds, targets, score_threshold=score_threshold, iou_threshold=0.5)
     result.update(f1=f1, precision=precision, recall=recall)
     result["score"] = 0.5 * result["map_50"] + 0.5 * f1
@@ -82,8 +90,10 @@ def mean_average_precision(
     targets: Detections,
     *,
     class_names: Sequence[str],
+    max_detections: int = MAX_DETECTIONS,
 ) -> dict[str, float]:
-    """COCO bbox mAP via torchmetrics' ``MeanAveragePrecision`` (100 detections per image).
+    """COCO bbox mAP via torchmetrics' ``MeanAveragePrecision``, counting the ``max_detections``
+    highest-scored detections per image (COCO's maxDets ``[1, 10, max_detections]``).
 
     Returns ``map``, ``map_50``, ``map_75``, ``ap/<name>`` (AP@[.5:.95]) and ``ap_50/<name>``
     (AP@0.5, read from the same COCOeval precision table: no second evaluation). Undefined -> 0.0.
@@ -91,6 +101,10 @@ def mean_average_precision(
     _check_inputs(preds, targets)
     if len(class_names) == 0:
         raise ValueError(f"`class_names` must name at least one class, but got {class_names!r}.")
+    if max_detections < 10:
+        raise ValueError(
+            f"`max_detections >= 10` must hold (COCO's maxDets are 1, 10, N), but got {max_detections=}."
+        )
     metric = MeanAveragePrecision(
         iou_type="bbox",
         class_metrics=True,
@@ -98,6 +112,7 @@ def mean_average_precision(
         backend=_MAP_BACKEND,
         iou_thresholds=_COCO_IOU_THRESHOLDS,
         rec_thresholds=_COCO_REC_THRESHOLDS,
+        max_detection_thresholds=[1, 10, max_detections],
     )
     metric.update([_as_pred(p) for p in preds], [_as_target(t) for t in targets])
     summary = metric.compute()
@@ -109,7 +124,7 @@ def mean_average_precision(
     if classes:
         ap_per_class = summary["map_per_class"].reshape(-1).tolist()
         # precision: [T iou thresholds, R recall points, K classes, A area ranges, M max dets];
-        # T index 0 is IoU 0.5, A index 0 is "all", M index -1 is 100 detections.
+        # T index 0 is IoU 0.5, A index 0 is "all", M index -1 is max_detections.
         precision_50 = summary["precision"][0, :, :, 0, -1]  # [R, K]
         for k, label in enumerate(classes):
             name = _class_name(label, class_names)

@@ -211,7 +211,9 @@ def test_early_stopping():
 
 def _tiny_faster_rcnn():
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1))
+    backbone = nn.Sequential(  # stride 4, 16 channels: a few thousand weights
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    )
     backbone.out_channels = 16
     return FasterRCNN(
         backbone,

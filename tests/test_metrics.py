@@ -12,6 +12,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
 from detection.metrics import (
+    MAX_DETECTIONS,
     METRIC_NAMES,
     detection_metrics,
     f1_at_iou,
@@ -75,7 +76,7 @@ def _random_dataset(seed: int = 0, num_images: int = 6):
     return preds, targets
 
 
-def _cocoeval(preds, targets):
+def _cocoeval(preds, targets, max_detections=100):
     """The reference: pycocotools' COCOeval on the same boxes, built in memory (xywh)."""
     images, annotations, results = [], [], []
     for image_id, (pred, target) in enumerate(zip(preds, targets)):
@@ -99,30 +100,63 @@ def _cocoeval(preds, targets):
         }
         gt.createIndex()
         evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        evaluator.params.maxDets = [1, 10, max_detections]
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
     return evaluator
+
+
+def _coco_ap(evaluator, *, iou_index=None, class_index=None):
+    """AP as COCOeval.summarize() computes it (all areas, the last maxDets), from its precision table.
+
+    summarize() itself only reports maxDets=100, so the table is read directly.
+    """
+    precision = evaluator.eval["precision"][..., 0, -1]  # [T iou thresholds, R recall points, K classes]
+    if iou_index is not None:
+        precision = precision[iou_index]
+    if class_index is not None:
+        precision = precision[..., class_index]
+    return float(precision[precision > -1].mean()) if (precision > -1).any() else -1.0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_map_matches_pycocotools(seed):
     preds, targets = _random_dataset(seed)
-    reference = _cocoeval(preds, targets)
+    reference = _cocoeval(preds, targets, max_detections=MAX_DETECTIONS)
     ours = mean_average_precision(preds, targets, class_names=CLASS_NAMES)
 
-    # stats[0..2] = AP@[.5:.95], AP@.5, AP@.75 over all areas, 100 detections
-    assert ours["map"] == pytest.approx(reference.stats[0], abs=1e-4)
-    assert ours["map_50"] == pytest.approx(reference.stats[1], abs=1e-4)
-    assert ours["map_75"] == pytest.approx(reference.stats[2], abs=1e-4)
+    # IoU thresholds 0.50, 0.55, ..., 0.95: index 0 is AP@.5, index 5 is AP@.75
+    assert ours["map"] == pytest.approx(_coco_ap(reference), abs=1e-4)
+    assert ours["map_50"] == pytest.approx(_coco_ap(reference, iou_index=0), abs=1e-4)
+    assert ours["map_75"] == pytest.approx(_coco_ap(reference, iou_index=5), abs=1e-4)
     assert 0.05 < ours["map"] < 0.95  # the dataset is neither trivial nor hopeless
-
-    precision = reference.eval["precision"]  # [T, R, K, A, M]
     for k, name in enumerate(CLASS_NAMES):
-        ap = precision[:, :, k, 0, -1]
-        ap_50 = precision[0, :, k, 0, -1]
-        assert ours[f"ap/{name}"] == pytest.approx(ap[ap > -1].mean(), abs=1e-4)
-        assert ours[f"ap_50/{name}"] == pytest.approx(ap_50[ap_50 > -1].mean(), abs=1e-4)
+        assert ours[f"ap/{name}"] == pytest.approx(_coco_ap(reference, class_index=k), abs=1e-4)
+        assert ours[f"ap_50/{name}"] == pytest.approx(_coco_ap(reference, iou_index=0, class_index=k), abs=1e-4)
+
+
+def test_map_matches_cocoeval_summary_at_100_detections():
+    preds, targets = _random_dataset(3)
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = _cocoeval(preds, targets, max_detections=100)
+        reference.summarize()  # stock COCO numbers: stats[0..2] = AP@[.5:.95], AP@.5, AP@.75
+    ours = mean_average_precision(preds, targets, class_names=CLASS_NAMES, max_detections=100)
+    assert (ours["map"], ours["map_50"], ours["map_75"]) == pytest.approx(tuple(reference.stats[:3]), abs=1e-4)
+
+
+def test_max_detections_caps_each_image_like_cocoeval():
+    # 30 true boxes in one image, each found once, scores rising along the row;
+    # with 10 detections counted only the 10 best are seen: recall 10/30.
+    boxes = [[10.0 * i, 0.0, 10.0 * i + 8, 8.0] for i in range(30)]
+    preds = [_pred(boxes, [0.5 + i / 100 for i in range(30)], [1] * 30)]
+    targets = [_target(boxes, [1] * 30)]
+    capped = _cocoeval(preds, targets, max_detections=10)
+    with pytest.warns(UserWarning, match="more than 10 detections"):  # torchmetrics says it drops some
+        ours = mean_average_precision(preds, targets, class_names=CLASS_NAMES, max_detections=10)
+    assert ours["map_50"] == pytest.approx(_coco_ap(capped, iou_index=0), abs=1e-4)
+    # precision 1 up to recall 10/30: 34 of the 101 recall points (0.00 .. 0.33) -> AP = 34 / 101
+    assert ours["map_50"] == pytest.approx(34 / 101, abs=1e-4)
+    assert mean_average_precision(preds, targets, class_names=CLASS_NAMES)["map_50"] == pytest.approx(1.0)
 
 
 def _hand_case():
