@@ -3,6 +3,7 @@
     detsweep sweep  [--config X.yaml] [--address auto] [--storage PATH] [--name NAME] [--smoke-test]
     detsweep resume PATH [--retry-errored]
     detsweep status PATH
+    detsweep ensemble PATH [--trial ID ...] [--address auto]
 
 Each command is a small `cmd_<name>(args) -> int`; Ray and Optuna are imported inside the commands that
 use them, so commands without Ray (`train`) work on a machine that has torch but no Ray. Bad configs and
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from detection.config import ConfigError
 
-__all__ = ["DEMO_CONFIG", "build_parser", "cmd_resume", "cmd_status", "cmd_sweep", "main"]
+__all__ = ["DEMO_CONFIG", "build_parser", "cmd_ensemble", "cmd_resume", "cmd_status", "cmd_sweep", "main"]
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # the embedded default
 
@@ -69,7 +70,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-# Leave room here: `cmd_ensemble` (search/ensemble.py's engineer), `cmd_train` and `cmd_data` (the lead).
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """Run the final ensemble job on a sweep's folder and print the leaderboard (see search/ensemble.py)."""
+    import ray
+
+    from search.ensemble import EnsembleError, run_ensemble
+    from search.tuner import load_experiment
+
+    experiment_dir = Path(args.path).resolve()
+    load_experiment(experiment_dir)  # a folder that is not a sweep's is reported before Ray starts
+    if args.address:
+        ray.init(address=args.address, log_to_driver=True)
+    try:
+        leaderboard = run_ensemble(experiment_dir, trial_ids=args.trial)
+    except EnsembleError as error:
+        print(f"detsweep ensemble: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if args.address:
+            ray.shutdown()
+    _say(leaderboard.with_suffix(".md").read_text() + f"\nleaderboard: {leaderboard}")
+    return 0
+
+
+# Leave room here: `cmd_train` and `cmd_data` (the lead).
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -174,7 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
     p.set_defaults(func=cmd_status)
 
-    # `ensemble`, `train` and `data` subcommands are added here.
+    p = sub.add_parser("ensemble", help="WBF-fuse each finished trial's best models on the held-out split; rank")
+    p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
+    p.add_argument("--trial", action="append", default=None, metavar="TRIAL_ID",
+                   help="only this trial (repeatable); default: every finished trial")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address ('auto' under `ray job submit`); default: an embedded local Ray")
+    p.set_defaults(func=cmd_ensemble)
+
+    # `train` and `data` subcommands are added here.
 
     p = sub.add_parser("report", help="write the experiment's self-contained HTML report")
     p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
