@@ -233,7 +233,7 @@ class FCOSTALHead(nn.Module):
         cls_out, box_out, quality_out = [], [], []
         for feature, scale, stride in zip(features, self.scales, self.strides):
             cls_feature, reg_feature = self.cls_tower(feature), self.reg_tower(feature)
-            raw = scale(self.box_distances(reg_feature))
+            raw = scale(self.box_distances(reg_feature)).float()  # fp16 would overflow past 65504 px
             if self.box_activation == "exp":
                 distances = torch.exp(raw.clamp(max=_MAX_LOG_DISTANCE)) * stride
             else:
@@ -300,7 +300,7 @@ class FCOSTAL(nn.Module):
         *,
         score_thresh: float = 0.05,
         nms_thresh: float = 0.6,
-        detections_per_img: int = 300,
+        detections_per_img: int = 100,
         topk_candidates: int = 1000,
         trainable_layers: int = 3,
         freeze_backbone_epochs: int = 0,
@@ -512,7 +512,7 @@ def build_fcos_tal(
     unfreeze_stages: int | None = None,
     score_thresh: float = 0.05,
     nms_thresh: float = 0.6,
-    detections_per_img: int = 300,
+    detections_per_img: int = 100,
     topk_candidates: int = 1000,
     compute_loss: ComputeLoss | None = None,
     anchor_shapes=None,
