@@ -9,6 +9,7 @@ For each backbone, on the real DeepForest tiles (``detection.data``) resized to 
   (``loss = sum(model(images, targets).values()); opt.zero_grad(); loss.backward(); opt.step()``)
   on the same model, optimizer and batches, in this process, after warmup, with the two loops
   alternating (ABBA) over ``--rounds`` rounds and the median run of each compared. Target: <= 1.05.
+  ``cpu-time ratio`` is the same with this process's CPU time, steadier on a shared CPU machine.
 
 The tiles are decoded once and kept in memory, so decoding does not dilute the ratio.
 Writes JSON to ``--out`` and prints a table. Does not import Ray.
@@ -59,6 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="timed runs of each loop (alternating)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches of each loop first")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler in both loops (CUDA)")
     parser.add_argument("--data", type=Path, default=None,
                         help="DeepForest COCO folder: read if present, else written there (default: a temp folder)")
@@ -108,14 +110,19 @@ def reference_loop(model, optimizer, loader, *, device, scaler=None) -> None:
             scaler.update()
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of ``fn()``.
+
+    On a shared CPU machine wall time swings with the other processes' load; CPU time of this
+    process barely does, so the CPU-time ratio is the steadier overhead estimate there.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench_backbone(backbone: str, tiles: list, class_names: Sequence[str], args, device: torch.device) -> dict:
@@ -145,20 +152,24 @@ def bench_backbone(backbone: str, tiles: list, class_names: Sequence[str], args,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timed_loader = loader(args.iters)
-    engine_s, reference_s = [], []
+    runs: dict[str, list[tuple[float, float]]] = {"engine": [], "reference": []}
     for r in range(args.rounds):  # ABBA: neither loop always runs first (thermal, caches, allocator)
         order = [("engine", run_engine), ("reference", run_reference)]
         for name, run in order if r % 2 == 0 else order[::-1]:
-            seconds = timed(lambda: run(timed_loader), device)
-            (engine_s if name == "engine" else reference_s).append(seconds / args.iters)
+            wall, cpu = timed(lambda: run(timed_loader), device)
+            runs[name].append((wall / args.iters, cpu / args.iters))
 
     images = [image for image, _ in tiles[: args.iters * args.batch]]
     predict(model, images[: args.batch], device=device, batch_size=args.batch)  # warmup
-    predict_s = timed(lambda: predict(model, images, device=device, batch_size=args.batch), device)
-    evaluate_s = timed(lambda: evaluate(model, timed_loader, device=device, score_threshold=0.3,
-                                        class_names=class_names), device)
+    predict_s, _ = timed(lambda: predict(model, images, device=device, batch_size=args.batch), device)
+    evaluate_s, _ = timed(lambda: evaluate(model, timed_loader, device=device, score_threshold=0.3,
+                                           class_names=class_names), device)
 
+    engine_s = [wall for wall, _ in runs["engine"]]
+    reference_s = [wall for wall, _ in runs["reference"]]
     engine, reference = statistics.median(engine_s), statistics.median(reference_s)
+    engine_cpu = statistics.median(cpu for _, cpu in runs["engine"])
+    reference_cpu = statistics.median(cpu for _, cpu in runs["reference"])
     result = {
         "backbone": backbone,
         "train_img_s": args.batch / engine,
@@ -171,6 +182,9 @@ def bench_backbone(backbone: str, tiles: list, class_names: Sequence[str], args,
         "reference_runs_s_per_iter": reference_s,
         "ratio": engine / reference,
         "within_target": engine / reference <= OVERHEAD_TARGET,
+        "engine_cpu_s_per_iter": engine_cpu,
+        "reference_cpu_s_per_iter": reference_cpu,
+        "cpu_ratio": engine_cpu / reference_cpu,
     }
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -179,11 +193,12 @@ def bench_backbone(backbone: str, tiles: list, class_names: Sequence[str], args,
 
 def print_table(results: list[dict], header: str) -> None:
     print(header)
-    columns = ("backbone", "train img/s", "eval img/s", "evaluate img/s", "engine s/it", "plain s/it", "ratio")
+    columns = ("backbone", "train img/s", "eval img/s", "evaluate img/s", "engine s/it", "plain s/it", "ratio",
+               "cpu-time ratio")
     rows = [
         (r["backbone"], f"{r['train_img_s']:.2f}", f"{r['eval_img_s']:.2f}", f"{r['evaluate_img_s']:.2f}",
          f"{r['engine_s_per_iter']:.4f}", f"{r['reference_s_per_iter']:.4f}",
-         f"{r['ratio']:.3f}" + ("" if r["within_target"] else f" (> {OVERHEAD_TARGET})"))
+         f"{r['ratio']:.3f}" + ("" if r["within_target"] else f" (> {OVERHEAD_TARGET})"), f"{r['cpu_ratio']:.3f}")
         for r in results
     ]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
@@ -195,6 +210,8 @@ def print_table(results: list[dict], header: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     backbones = [name.strip() for name in args.backbones.split(",") if name.strip()]
     count = max(args.iters, args.warmup) * args.batch
     with tempfile.TemporaryDirectory(prefix="deepforest-") as tmp:
