@@ -41,7 +41,7 @@ def build_faster_rcnn(
         image_size: the input size: images are resized so that their longest side is `image_size`.
         pretrained, weights_path: ImageNet backbone weights (torchvision/timm cache) or a local file.
         anchor_shapes: [k, 2] (w, h) pixels at `image_size` (k-means over training boxes) replacing the
-            default anchors; ceil(k / L) of them per location on each of the L FPN levels.
+            default anchors; all k of them at every location of every FPN level.
         trainable_layers: backbone stages left trainable (0..5) when the backbone is pretrained.
     Returns:
         torchvision's `FasterRCNN`: train mode `model(images, targets)` -> dict of losses; eval mode
