@@ -1,0 +1,589 @@
+"""The Ray Tune trainable: one trial = K fold workers driven epoch by epoch in lockstep.
+
+A trial runs inside the placement group that `trial_resources` describes: bundle 0 is the trial's own
+small coordinator (this function), bundles 1..K hold one `FoldWorker` actor each, named
+`<trial_id>/fold-<k>` so that the Ray dashboard shows them. Each epoch the coordinator
+
+1. submits `train_epoch`, `evaluate`, `state_bytes` and `model_state_bytes(if_improved=True)` to every
+   fold (actor tasks run in order, so a fold evaluates right after it trains, and folds run in parallel),
+2. gathers the results (`ray.wait`, so a lost fold is replaced as soon as its loss shows),
+3. reports once: `<m>_mean`, `<m>_std` and `fold<k>/<m>` for m in `METRICS`, `epoch` (1-based, equal
+   to Tune's `training_iteration`), `best_score`, plus where and when every fold ran, with one
+   checkpoint (see `write_trial_checkpoint`).
+
+Fault tolerance: a fold whose actor or node is lost is recreated in the same bundle (Ray reschedules
+a dead node's bundles onto other nodes) from the fold's last state, which the coordinator keeps in
+memory (and every checkpoint holds on disk), and its epoch is run again; at most `MAX_FOLD_RESTARTS`
+times per fold. An exception inside a fold (a non-finite loss, CUDA out of memory, bad data) ends the
+trial with `TrialFailed` naming the fold and the reason; Tune records the trial as errored and the
+sweep goes on (`FailureConfig` decides about retries from the latest checkpoint). A coordinator that
+dies is Tune's to restart: `train_trial` resumes from `tune.get_checkpoint()`.
+
+Early stopping: the trial stops when every fold's own early stopping (`FoldTrainer.should_stop`: its
+validation score has not improved for `train.patience` epochs) has fired. Folds keep training in
+lockstep until then, so every report has all K folds and fold means stay comparable across epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from detection.config import ExperimentConfig
+from detection.data.splits import Split
+from detection.engine import NonFiniteLossError
+from trainables.fold_worker import FoldWorker
+from trainables.manifest import MANIFEST_FILE, build_trial_manifest
+
+__all__ = [
+    "BEST_DIR",
+    "BEST_JSON",
+    "FOLDS_DIR",
+    "MAX_FOLD_RESTARTS",
+    "METRICS",
+    "TRIAL_JSON",
+    "TRIAL_PARAMS",
+    "BestModel",
+    "FoldResources",
+    "TrialCheckpoint",
+    "TrialFailed",
+    "TrialSetup",
+    "aggregate_fold_metrics",
+    "apply_trial_params",
+    "rank_best",
+    "read_best",
+    "read_trial_checkpoint",
+    "train_trial",
+    "trial_resources",
+    "write_trial_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+# Reported per epoch as `<m>_mean`, `<m>_std` and `fold<k>/<m>` (loss from training, the rest from evaluation).
+METRICS = ("map", "map_50", "map_75", "f1", "score", "loss")
+# The keys of a trial's config (what the search proposes); see `apply_trial_params`.
+TRIAL_PARAMS = ("detector", "lr", "batch_size", "score_threshold")
+MAX_FOLD_RESTARTS = 3  # per fold and trial run: a fold lost more often ends the trial
+BUNDLE_TIMEOUT_S = 1800.0  # how long a lost fold's bundle may take to come back (an autoscaler starting a node)
+NAME_RELEASE_TIMEOUT_S = 60.0  # how long a dead actor's name may stay taken
+
+FOLDS_DIR, BEST_DIR, BEST_JSON, TRIAL_JSON = "folds", "best", "best.json", "trial.json"
+
+# Errors that mean "the fold's process or node is gone", not "the fold's code failed".
+_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
+
+
+class TrialFailed(RuntimeError):
+    """A fold of the trial failed for a reason that retrying the epoch will not fix.
+
+    Attributes:
+        fold: the fold k, or None when the failure is not one fold's.
+        reason: short cause, e.g. "non-finite loss", "CUDA out of memory".
+    """
+
+    def __init__(self, message: str, *, fold: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.fold = fold
+        self.reason = reason
+
+    def __reduce__(self):  # keep fold/reason when Ray ships the exception to the driver
+        return _rebuild_trial_failed, (str(self), self.fold, self.reason)
+
+
+def _rebuild_trial_failed(message: str, fold: int | None, reason: str) -> TrialFailed:
+    return TrialFailed(message, fold=fold, reason=reason)
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+class FoldResources(Protocol):
+    """What `trial_resources` reads (`search.config.ResourcesConfig` has these fields)."""
+
+    cpus_per_fold: float
+    gpus_per_fold: float
+    coordinator_cpus: float
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a sweep shares; bound with `tune.with_parameters(train_trial, setup=...)`.
+
+    Attributes:
+        base: the training config each trial starts from (`data.path` absolute: workers on other
+            nodes read it).
+        split_path: the experiment's `split.json` (readable on every node: shared storage).
+        resources: CPUs/GPUs per fold and for the coordinator (must match `trial_resources`).
+        keep_best: how many fold models a checkpoint keeps (best epoch of each fold, then the top folds).
+    """
+
+    base: ExperimentConfig
+    split_path: str
+    resources: FoldResources
+    keep_best: int = 3
+
+    def __post_init__(self) -> None:
+        if self.keep_best < 1:
+            raise ValueError(f"`keep_best >= 1` must hold, but got ({self.keep_best=}).")
+        if not str(self.split_path):
+            raise ValueError("TrialSetup.split_path must name the experiment's split.json, but got ''.")
+
+
+def trial_resources(num_folds: int, resources: FoldResources) -> tune.PlacementGroupFactory:
+    """The placement group of one trial: `[{"CPU": coordinator_cpus}] + [{"CPU": c, "GPU": g}] * K`.
+
+    The GPU key is left out when `gpus_per_fold` is 0 (CPU machines). With `coordinator_cpus == 0` the
+    coordinator bundle is empty (Tune then places the coordinator outside the group and the K fold
+    bundles are 0..K-1). Strategy PACK: folds fill a multi-GPU node before spilling to the next one.
+    """
+    if num_folds < 1:
+        raise ValueError(f"`num_folds >= 1` must hold, but got ({num_folds=}).")
+    cpus, gpus, coordinator = resources.cpus_per_fold, resources.gpus_per_fold, resources.coordinator_cpus
+    if not cpus > 0:
+        raise ValueError(f"`cpus_per_fold > 0` must hold, but got (cpus_per_fold={cpus}).")
+    if gpus < 0 or coordinator < 0:
+        raise ValueError(f"`gpus_per_fold >= 0` and `coordinator_cpus >= 0` must hold, but got "
+                         f"(gpus_per_fold={gpus}, coordinator_cpus={coordinator}).")
+    fold_bundle: dict[str, float] = {"CPU": float(cpus)}
+    if gpus > 0:
+        fold_bundle["GPU"] = float(gpus)
+    head = {"CPU": float(coordinator)} if coordinator > 0 else {}
+    return tune.PlacementGroupFactory([head] + [dict(fold_bundle) for _ in range(num_folds)], strategy="PACK")
+
+
+def apply_trial_params(base: ExperimentConfig, params: Mapping[str, Any]) -> ExperimentConfig:
+    """The trial's config: `base` with the sampled params applied (the one place that maps them).
+
+    `params` keys (all optional): "detector" ("<arch>/<backbone>", e.g. "faster_rcnn/mobilenet_v2")
+    -> model.arch/model.backbone; "lr", "batch_size", "score_threshold" -> train.*. The result is
+    validated (`ConfigError`, a ValueError, names the bad key).
+    """
+    unknown = sorted(set(params) - set(TRIAL_PARAMS))
+    if unknown:
+        raise ValueError(f"Trial config has unknown key(s) {unknown}; expected keys among {list(TRIAL_PARAMS)}.")
+    model: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    if "detector" in params:
+        detector = params["detector"]
+        arch, sep, backbone = str(detector).partition("/")
+        if not (isinstance(detector, str) and sep and arch and backbone and "/" not in backbone):
+            raise ValueError(f"Trial config `detector` must be '<arch>/<backbone>' "
+                             f"(e.g. 'faster_rcnn/mobilenet_v2'), but got {detector!r}.")
+        model.update(arch=arch, backbone=backbone)
+    for key in ("lr", "score_threshold"):
+        if key in params:
+            if not isinstance(params[key], Real) or isinstance(params[key], bool):
+                raise ValueError(f"Trial config `{key}` must be a number, but got {params[key]!r}.")
+            train[key] = float(params[key])
+    if "batch_size" in params:
+        value = params["batch_size"]
+        if not isinstance(value, Integral) or isinstance(value, bool):
+            raise ValueError(f"Trial config `batch_size` must be an integer, but got {value!r}.")
+        train["batch_size"] = int(value)  # numpy ints from a search algorithm become plain ints
+    return base.with_overrides(model=model, train=train).validate("<trial config>")
+
+
+# ------------------------------------------------------------------------------- metrics and best
+
+
+def aggregate_fold_metrics(per_fold: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """`<m>_mean`, `<m>_std` (population std, ddof=0, as sklearn's cross-validation reports) and
+    `fold<k>/<m>` for every m in `METRICS`. `per_fold[k]` holds fold k's values (NaN propagates)."""
+    if not per_fold:
+        raise ValueError("aggregate_fold_metrics needs the metrics of at least one fold, but got none.")
+    out: dict[str, float] = {}
+    for m in METRICS:
+        missing = [k for k, fold in enumerate(per_fold) if m not in fold]
+        if missing:
+            raise ValueError(f"Fold metrics must hold {m!r}, but fold {missing[0]} has keys {sorted(per_fold[missing[0]])}.")
+        values = np.array([float(fold[m]) for fold in per_fold], dtype=np.float64)
+        out[f"{m}_mean"] = float(values.mean())
+        out[f"{m}_std"] = float(values.std())
+        for k, value in enumerate(values):
+            out[f"fold{k}/{m}"] = float(value)
+    return out
+
+
+@dataclass(frozen=True)
+class BestModel:
+    """The best epoch of one fold (by its own validation score) and its model weights."""
+
+    fold: int
+    epoch: int  # 1-based epoch that gave the score
+    score: float
+    map_50: float
+    f1: float
+    map: float
+    model: bytes = field(repr=False)  # torch.save of the model's state_dict
+    # [k, 2] (w, h) k-means anchors of the fold (faster_rcnn): build_detector(anchor_shapes=...) to load `model`
+    anchor_shapes: list[list[float]] | None = None
+
+    def to_json(self, rank: int, file: str) -> dict[str, Any]:
+        return {"rank": rank, "fold": self.fold, "epoch": self.epoch, "score": self.score,
+                "map_50": self.map_50, "f1": self.f1, "map": self.map, "file": file,
+                "anchor_shapes": self.anchor_shapes}
+
+
+def rank_best(best: Mapping[int, BestModel], keep: int) -> list[BestModel]:
+    """The `keep` best fold models, one per fold, by score (ties: lower fold first)."""
+    if keep < 1:
+        raise ValueError(f"`keep >= 1` must hold, but got ({keep=}).")
+    return sorted(best.values(), key=lambda b: (-b.score, b.fold))[:keep]
+
+
+# ------------------------------------------------------------------------------------- checkpoint
+
+
+@dataclass(frozen=True)
+class TrialCheckpoint:
+    """What one checkpoint of a trial holds (see `write_trial_checkpoint`)."""
+
+    fold_states: list[bytes]  # fold k's FoldTrainer.state_dict(), torch.save bytes
+    best: list[BestModel]  # ranked, best first
+    trial: dict[str, Any]  # trial.json
+
+
+def write_trial_checkpoint(
+    directory: str | Path,
+    *,
+    fold_states: Sequence[bytes],
+    best: Sequence[BestModel],
+    trial: Mapping[str, Any],
+    manifest: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write one checkpoint of a trial into `directory`:
+
+        folds/fold-<k>.pt   fold k's full resume state (torch.load(..., weights_only=True) reads it)
+        best/rank-<r>.pt    the r-th best fold model's state_dict, r = 1..len(best)
+        best/best.json      [{rank, fold, epoch, score, map_50, f1, map, file, anchor_shapes}] best
+                            first; file is relative to best/; anchor_shapes [k, 2] or null
+        trial.json          arch, backbone, params, num_classes, class_names, category_ids, image_size,
+                            score_threshold, epoch, ...
+        manifest.json       `trainables.manifest.build_trial_manifest` (when given)
+    """
+    directory = Path(directory)
+    (directory / FOLDS_DIR).mkdir(parents=True, exist_ok=True)
+    (directory / BEST_DIR).mkdir(parents=True, exist_ok=True)
+    for k, state in enumerate(fold_states):
+        (directory / FOLDS_DIR / f"fold-{k}.pt").write_bytes(state)
+    entries = []
+    for rank, model in enumerate(best, start=1):
+        file = f"rank-{rank}.pt"
+        (directory / BEST_DIR / file).write_bytes(model.model)
+        entries.append(model.to_json(rank, file))
+    (directory / BEST_DIR / BEST_JSON).write_text(json.dumps(entries, indent=1))
+    (directory / TRIAL_JSON).write_text(json.dumps(dict(trial), indent=1))
+    if manifest is not None:
+        (directory / MANIFEST_FILE).write_text(json.dumps(dict(manifest), indent=1))
+    return directory
+
+
+def read_best(directory: str | Path) -> list[dict[str, Any]]:
+    """best/best.json of a checkpoint folder, best first, each entry with "path" (absolute) added."""
+    best_dir = Path(directory) / BEST_DIR
+    path = best_dir / BEST_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no best.json; expected a checkpoint written by train_trial.")
+    entries = json.loads(path.read_text())
+    return [{**entry, "path": str((best_dir / entry["file"]).resolve())} for entry in entries]
+
+
+def read_trial_checkpoint(directory: str | Path) -> TrialCheckpoint:
+    """Read back what `write_trial_checkpoint` wrote."""
+    directory = Path(directory)
+    trial = json.loads((directory / TRIAL_JSON).read_text())
+    num_folds = int(trial["num_folds"])
+    states = []
+    for k in range(num_folds):
+        path = directory / FOLDS_DIR / f"fold-{k}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; the checkpoint's trial.json says num_folds={num_folds}.")
+        states.append(path.read_bytes())
+    best = [
+        BestModel(fold=e["fold"], epoch=e["epoch"], score=e["score"], map_50=e["map_50"], f1=e["f1"], map=e["map"],
+                  model=Path(e["path"]).read_bytes(), anchor_shapes=e.get("anchor_shapes"))
+        for e in read_best(directory)
+    ]
+    return TrialCheckpoint(fold_states=states, best=best, trial=trial)
+
+
+# -------------------------------------------------------------------------------------- the trial
+
+
+def _reason(error: BaseException) -> str:
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, NonFiniteLossError) or isinstance(error, NonFiniteLossError):
+        return "non-finite loss"
+    if isinstance(cause, torch.OutOfMemoryError) or isinstance(error, torch.OutOfMemoryError):
+        return "CUDA out of memory"
+    if isinstance(error, ray.exceptions.OutOfMemoryError):
+        return "host out of memory (Ray's memory monitor killed the fold)"
+    return type(cause).__name__
+
+
+def _cause_text(error: BaseException) -> str:
+    cause = getattr(error, "cause", None)
+    text = str(cause) if cause is not None else str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+class _Trial:
+    """The coordinator of one trial run: its K workers, their last states and best models."""
+
+    def __init__(self, params: Mapping[str, Any], setup: TrialSetup) -> None:
+        self.params = dict(params)
+        self.setup = setup
+        self.config = apply_trial_params(setup.base, params)
+        self.split = Split.from_json(setup.split_path)
+        self.num_folds = self.split.num_folds
+        context = tune.get_context()
+        self.trial_id = context.get_trial_id() or "trial"
+        self.pg = ray.util.get_current_placement_group()
+        if self.pg is None:
+            raise ValueError("train_trial must run as a Tune trial with "
+                             "resources=trial_resources(num_folds, resources); found no placement group.")
+        # An empty coordinator bundle is dropped by Tune, so the fold bundles then start at 0.
+        self.offset = self.pg.bundle_count - self.num_folds
+        if self.offset not in (0, 1):
+            raise ValueError(f"The trial's placement group has {self.pg.bundle_count} bundles, but the split "
+                             f"{setup.split_path} has {self.num_folds} folds; expected 1 + {self.num_folds} "
+                             f"bundles from trial_resources(num_folds={self.num_folds}, ...).")
+        self.workers: list[Any] = [None] * self.num_folds
+        self.states: list[bytes | None] = [None] * self.num_folds
+        self.best: dict[int, BestModel] = {}
+        self.restarts = [0] * self.num_folds
+        self.fold_info: list[dict[str, Any] | None] = [None] * self.num_folds  # FoldWorker.info()
+        self.epoch = 0  # epochs completed by every fold
+        self.resumed_epoch = 0  # the epoch of the checkpoint this run started from (0: a fresh trial)
+        self.stopped = False  # every fold's early stopping has fired
+        self.manifest = build_trial_manifest(
+            dataset_path=self.config.data.path, split_path=setup.split_path,
+            seeds={"seed": self.config.seed, "split": self.split.seed}, config=self.config,
+        )
+
+    # -- workers ---------------------------------------------------------------------------------
+    def _spawn(self, k: int) -> Any:
+        res = self.setup.resources
+        actor = ray.remote(FoldWorker).options(
+            name=f"{self.trial_id}/fold-{k}",
+            num_cpus=res.cpus_per_fold,
+            num_gpus=res.gpus_per_fold,
+            max_restarts=0,  # the coordinator restarts a fold itself, from its last state
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k + self.offset),
+        )
+        state = self.states[k]
+        deadline = time.monotonic() + NAME_RELEASE_TIMEOUT_S
+        while True:
+            try:
+                return actor.remote(self.config, self.split, k, ray.put(state) if state is not None else None,
+                                    num_threads=max(1, math.floor(res.cpus_per_fold)))
+            except ray.exceptions.ActorAlreadyExistsError:
+                # A killed fold's name is released a moment after its death is known.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def start(self) -> None:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                restored = read_trial_checkpoint(directory)
+            if len(restored.fold_states) != self.num_folds:
+                raise ValueError(f"The checkpoint holds {len(restored.fold_states)} folds, but the split "
+                                 f"{self.setup.split_path} has {self.num_folds}; expected the same experiment.")
+            self.states = list(restored.fold_states)
+            self.best = {b.fold: b for b in restored.best}
+            self.epoch = self.resumed_epoch = int(restored.trial["epoch"])
+            self.stopped = bool(restored.trial.get("stopped", False))
+            logger.info("trial %s: resuming after epoch %d from its checkpoint", self.trial_id, self.epoch)
+        self.workers = [self._spawn(k) for k in range(self.num_folds)]
+
+    def _replace(self, k: int, error: BaseException) -> None:
+        """Recreate fold k in its bundle from its last state after its actor or node was lost."""
+        if getattr(error, "actor_init_failed", False):
+            # The message ends with the traceback of FoldWorker.__init__; its last line names the exception.
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            raise TrialFailed(f"fold {k}: its worker failed to start: {lines[-1] if lines else error!r}",
+                              fold=k, reason="worker start failed") from error
+        self.restarts[k] += 1
+        if self.restarts[k] > MAX_FOLD_RESTARTS:
+            raise TrialFailed(f"fold {k}: its worker was lost {self.restarts[k]} times (more than "
+                              f"MAX_FOLD_RESTARTS={MAX_FOLD_RESTARTS}); last: {_cause_text(error)}",
+                              fold=k, reason="worker lost") from error
+        logger.warning("trial %s: fold %d lost (%s); recreating it from epoch %d (restart %d of %d)",
+                       self.trial_id, k, type(error).__name__, self.epoch, self.restarts[k], MAX_FOLD_RESTARTS)
+        ray.kill(self.workers[k], no_restart=True)  # also releases its name
+        # Ray moves the bundles of a dead node to other nodes (or waits for the autoscaler to add one).
+        if not self.pg.wait(timeout_seconds=BUNDLE_TIMEOUT_S):
+            raise TrialFailed(f"fold {k}: its placement group bundle was not rescheduled within "
+                              f"{BUNDLE_TIMEOUT_S:.0f} s after its worker was lost", fold=k,
+                              reason="bundle not rescheduled") from error
+        self.workers[k] = self._spawn(k)
+
+    def _submit(self, k: int) -> dict[str, Any]:
+        w = self.workers[k]
+        refs = {"info": w.info.remote()} if self.fold_info[k] is None else {}
+        # Actor tasks run in submission order: "model" is the last to finish.
+        refs.update(train=w.train_epoch.remote(), eval=w.evaluate.remote(), state=w.state_bytes.remote(),
+                    model=w.model_state_bytes.remote(if_improved=True))
+        return refs
+
+    def _gather(self, k: int, refs: dict[str, Any]) -> dict[str, Any]:
+        # In submission order, so that the first failing step is the one reported.
+        out = {}
+        for name in ("info", "train", "eval", "state", "model"):
+            if name in refs:
+                try:
+                    out[name] = ray.get(refs[name])
+                except _LOST:
+                    raise
+                except ray.exceptions.RayError as error:
+                    reason = _reason(error)
+                    raise TrialFailed(f"fold {k}: {reason} in {name}: {_cause_text(error)}",
+                                      fold=k, reason=reason) from error
+        return out
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def run_epoch(self) -> list[dict[str, Any]]:
+        """Train and evaluate every fold once; returns each fold's gathered results (fold order)."""
+        refs = {k: self._submit(k) for k in range(self.num_folds)}
+        results: dict[int, dict[str, Any]] = {}
+        while len(results) < self.num_folds:
+            waiting = {refs[k]["model"]: k for k in range(self.num_folds) if k not in results}
+            done, _ = ray.wait(list(waiting), num_returns=1)
+            k = waiting[done[0]]
+            try:
+                results[k] = self._gather(k, refs[k])
+            except _LOST as error:
+                self._replace(k, error)
+                refs[k] = self._submit(k)  # the lost fold's epoch again, from its last state
+        return [results[k] for k in range(self.num_folds)]
+
+    def update(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Keep the new states and best models; return this epoch's report."""
+        self.epoch += 1
+        per_fold = []
+        extras: dict[str, Any] = {}
+        for k, r in enumerate(results):
+            train, evaluation = r["train"], r["eval"]
+            if "info" in r:
+                self.fold_info[k] = r["info"]
+            self.states[k] = r["state"]
+            if r["model"] is not None:
+                self.best[k] = BestModel(
+                    fold=k, epoch=int(evaluation["epoch"]), score=float(evaluation["score"]),
+                    map_50=float(evaluation["map_50"]), f1=float(evaluation["f1"]), map=float(evaluation["map"]),
+                    model=r["model"], anchor_shapes=self.fold_info[k]["anchor_shapes"],
+                )
+            per_fold.append({**{m: evaluation[m] for m in METRICS if m != "loss"}, "loss": train["loss"]})
+            extras.update({
+                f"fold{k}/node_id": train["node_id"],
+                f"fold{k}/pid": train["pid"],
+                f"fold{k}/train_start": train["start"],
+                f"fold{k}/train_end": train["end"],
+                f"fold{k}/eval_start": evaluation["start"],
+                f"fold{k}/eval_end": evaluation["end"],
+                f"fold{k}/train_time_s": train["end"] - train["start"],
+                f"fold{k}/eval_time_s": evaluation["end"] - evaluation["start"],
+                f"fold{k}/best_score": evaluation["best_score"],
+                f"fold{k}/should_stop": int(evaluation["should_stop"]),
+                f"fold{k}/restarts": self.restarts[k],
+            })
+            if int(train["epoch"]) != self.epoch:
+                raise TrialFailed(f"fold {k}: its trainer finished epoch {train['epoch']}, but the trial is at "
+                                  f"epoch {self.epoch}; the fold states are out of step", fold=k, reason="out of step")
+        self.stopped = all(bool(r["eval"]["should_stop"]) for r in results)
+        return {
+            **aggregate_fold_metrics(per_fold),
+            **extras,
+            "epoch": self.epoch,
+            "best_score": max(float(r["eval"]["best_score"]) for r in results),
+            "folds_stopped": sum(int(r["eval"]["should_stop"]) for r in results),
+            "fold_restarts": sum(self.restarts),
+            "resumed_epoch": self.resumed_epoch,
+            "coordinator_pid": os.getpid(),
+            "coordinator_node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+    def trial_json(self) -> dict[str, Any]:
+        info = next((i for i in self.fold_info if i is not None), {})
+        return {
+            "trial_id": self.trial_id,
+            "arch": self.config.model.arch,
+            "backbone": self.config.model.backbone,
+            "params": self.params,
+            "num_classes": info.get("num_classes"),
+            "class_names": info.get("class_names"),
+            "category_ids": info.get("category_ids"),
+            "image_size": self.config.train.image_size,
+            "score_threshold": self.config.train.score_threshold,
+            "epoch": self.epoch,
+            "stopped": self.stopped,
+            "num_folds": self.num_folds,
+            "split_hash": self.split.hash,
+            "config": self.config.to_dict(),
+        }
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        ranked = rank_best(self.best, self.setup.keep_best) if self.best else []
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix=f"{self.trial_id}-checkpoint-") as directory:
+            write_trial_checkpoint(directory, fold_states=self.states, best=ranked, trial=self.trial_json(),
+                                   manifest=self.manifest)
+            metrics["checkpoint_write_s"] = time.perf_counter() - started
+            # Tune copies the folder to the experiment's storage before report returns.
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    def run(self) -> None:
+        self.start()
+        while self.epoch < self.config.train.epochs and not self.stopped:
+            started = time.perf_counter()
+            results = self.run_epoch()
+            metrics = self.update(results)
+            metrics["epoch_time_s"] = time.perf_counter() - started
+            self.report(metrics)
+        if self.stopped:
+            logger.info("trial %s: every fold stopped early after epoch %d", self.trial_id, self.epoch)
+
+    def close(self) -> None:
+        """Kill the fold workers so that their (GPU) memory is freed now, not when Tune removes the group."""
+        for worker in self.workers:
+            if worker is not None:
+                try:
+                    ray.kill(worker, no_restart=True)
+                except Exception:  # noqa: BLE001 - a worker that is already gone is fine
+                    pass
+
+
+def train_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
+    """The Tune function trainable of one trial (see the module docstring).
+
+    Args:
+        config: the trial's sampled params (keys `TRIAL_PARAMS`).
+        setup: bound with `tune.with_parameters(train_trial, setup=TrialSetup(...))`; run with
+            `tune.with_resources(..., trial_resources(num_folds, setup.resources))`.
+
+    Raises:
+        TrialFailed: a fold failed (non-finite loss, CUDA out of memory, ...) or was lost too often.
+    """
+    trial = _Trial(config, setup)
+    try:
+        trial.run()
+    finally:
+        trial.close()
