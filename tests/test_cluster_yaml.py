@@ -88,6 +88,16 @@ def test_setup_installs_the_mounted_project_with_its_constraints(config: dict[st
     assert any("boto3" in c for c in config["head_setup_commands"])
 
 
+def test_every_node_mounts_the_shared_storage_that_the_cluster_sweep_uses(config: dict[str, Any]) -> None:
+    # Tune writes checkpoints from the worker nodes and trials read split.json: storage must be shared.
+    mounts = re.findall(r"sudo mount -t nfs4 -o \S+ \S+ (/\S+)", " ".join(config["setup_commands"]))
+    assert mounts == ["/mnt/shared"], config["setup_commands"]
+    example = yaml.safe_load((ROOT / "configs" / "cluster_example.yaml").read_text())
+    assert Path(example["storage"]).is_relative_to(mounts[0])
+    assert Path(example["data"]["path"]).is_relative_to(mounts[0])
+    assert "--storage /mnt/shared/" in CLUSTER_YAML.read_text()
+
+
 def test_no_credentials_in_the_file() -> None:
     text = CLUSTER_YAML.read_text()
     for pattern in (r"AKIA[0-9A-Z]{16}", r"aws_secret_access_key", r"aws_access_key_id", r"BEGIN [A-Z ]*PRIVATE KEY"):
@@ -121,8 +131,8 @@ def _head_type_not_defined(c: dict[str, Any]) -> None:
 
 
 def _min_workers_above_max_workers(c: dict[str, Any]) -> None:
-    c["available_node_types"]["gpu.spot"]["min_workers"] = 5
-    c["available_node_types"]["gpu.ondemand"]["min_workers"] = 5  # 5 + 5 > max_workers 8
+    c["available_node_types"]["gpu.spot"]["min_workers"] = c["max_workers"]
+    c["available_node_types"]["gpu.ondemand"]["min_workers"] = 1  # max_workers + 1 > max_workers
 
 
 @pytest.mark.parametrize(
