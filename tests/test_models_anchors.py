@@ -51,7 +51,8 @@ def test_shape_anchor_grid_is_hand_checked() -> None:
     torch.testing.assert_close(anchors[16], torch.tensor([-8.0, -8.0, 8.0, 8.0]))  # level 1, cell (0, 0)
     torch.testing.assert_close(anchors[17], torch.tensor([0.0, -8.0, 16.0, 8.0]))  # center x = 1 * 8
     generator.set_image_size(8)  # inputs now 8 px instead of 16: anchors x 8 / 16 = 0.5
-    (scaled,) = generator(ImageList(torch.zeros(1, 3, 8, 8), [(8, 8)]), [torch.zeros(1, 8, 2, 2), torch.zeros(1, 8, 1, 1)])
+    small = ImageList(torch.zeros(1, 3, 8, 8), [(8, 8)])
+    (scaled,) = generator(small, [torch.zeros(1, 8, 2, 2), torch.zeros(1, 8, 1, 1)])
     torch.testing.assert_close(scaled[0], torch.tensor([-2.0, -1.0, 2.0, 1.0]))
 
 

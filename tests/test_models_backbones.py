@@ -99,5 +99,6 @@ def test_fpn_backbone_adds_a_pool_level() -> None:
 
 
 def test_unknown_backbone_lists_the_registry() -> None:
-    with pytest.raises(ValueError, match=r"`backbone` must be one of \[.*'mobilenet_v2'.*'swin_s'.*\], but got 'vgg16'"):
+    expected = r"`backbone` must be one of \[.*'mobilenet_v2'.*'swin_s'.*\], but got 'vgg16'"
+    with pytest.raises(ValueError, match=expected):
         build_backbone_body("vgg16", image_size=64, pretrained=False)

@@ -86,6 +86,18 @@ def test_weights_path_overrides_the_download(offline_torch_home: Path) -> None:
     body = build_backbone_body("mobilenet_v2", image_size=64, pretrained=True, weights_path=_bundled_mobilenet())
     reference = torch.load(_bundled_mobilenet(), map_location="cpu", weights_only=True)
     torch.testing.assert_close(body.state_dict()["18.0.weight"], reference["features.18.0.weight"], rtol=0, atol=0)
+    # a detector trained from these weights (frozen batch norm) loads into a pretrained=False rebuild, as the
+    # ensemble job does
+    trained = build_detector(arch="faster_rcnn", backbone="mobilenet_v2", num_classes=2, image_size=64,
+                             weights_path=_bundled_mobilenet()).eval()
+    rebuilt = build_detector(arch="faster_rcnn", backbone="mobilenet_v2", num_classes=2, image_size=64,
+                             pretrained=False)
+    rebuilt.load_state_dict(trained.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = trained.backbone(x), rebuilt.eval().backbone(x)
+    for level in expected:
+        torch.testing.assert_close(got[level], expected[level], rtol=1e-4, atol=1e-4)
     missing = offline_torch_home / "nowhere.pth"
     with pytest.raises(WeightsNotFoundError, match=r"`weights_path` must be an existing file.*nowhere\.pth"):
         build_backbone_body("mobilenet_v2", image_size=64, pretrained=True, weights_path=missing)

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import MobileNet_V2_Weights, ResNet18_Weights, ResNet50_Weights, WeightsEnum
