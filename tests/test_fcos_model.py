@@ -214,3 +214,18 @@ def test_missing_weights_file_names_the_file(tmp_path: Path):
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(WeightsNotFoundError, match="nowhere.pth"):
         _tiny(weights_path=missing)
+
+
+def test_channels_last_timm_bodies_are_permuted():
+    # timm's Swin features come out [B, h, w, C]; the neck expects [B, C, h, w].
+    backbone = TimmBackbone(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, features_only=True))
+    assert backbone.channels_last and backbone.channels == [192, 384, 768]
+    with torch.no_grad():
+        features = backbone(torch.rand(1, 3, 224, 224))
+    # 224 / 8 = 28, / 16 = 14, / 32 = 7
+    assert [tuple(f.shape) for f in features] == [(1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)]
+
+
+def test_unknown_backbone_suggests_timm_names():
+    with pytest.raises(ValueError, match=r"got 'mobilenet_v2'; did you mean one of .*'mobilenetv2_100'"):
+        _tiny(backbone="mobilenet_v2")

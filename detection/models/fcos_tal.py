@@ -14,6 +14,7 @@ per image. Images are float ``[3, H, W]`` tensors in ``[0, 1]`` of any size; tor
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,7 @@ class TimmBackbone(nn.Module):
         self.num_stages = len(reductions)
         self.trainable_stages = self.num_stages
         self.frozen = False
+        self.channels_last = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")  # Swin-like bodies
 
     def set_trainable_stages(self, count: int) -> None:
         """Train the last ``count`` stages, freeze the rest (``count >= num_stages``: all train)."""
@@ -116,7 +118,10 @@ class TimmBackbone(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             features = self.body(x)
-        return [features[i] for i in self.feature_indices]
+        features = [features[i] for i in self.feature_indices]
+        if self.channels_last:
+            features = [f.permute(0, 3, 1, 2).contiguous() for f in features]  # [B, h, w, C] -> [B, C, h, w]
+        return features
 
 
 def _split_stages(body: nn.Module) -> tuple[dict[str, int], list[list[nn.Module]]]:
@@ -487,7 +492,11 @@ def _create_body(name: str, *, pretrained: bool, weights_path: str | Path | None
     the file and the Hugging Face cache folder to put it in.
     """
     if not timm.is_model(name):
-        raise ValueError(f"Expected a timm model name for the fcos_tal backbone, got {name!r} (see timm.list_models()).")
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        raise ValueError(
+            f"Expected a timm model name for the fcos_tal backbone, got {name!r}"
+            + (f"; did you mean one of {close}?" if close else " (see timm.list_models()).")
+        )
     if weights_path is not None:
         body = timm.create_model(name, pretrained=False, features_only=True)
         load_backbone_weights(body, weights_path)
