@@ -72,3 +72,65 @@ def write_coco(
 def coco_writer() -> Callable[..., Path]:
     """`write_coco(folder, images, *, categories, json_name, seed) -> json path` (see its docstring)."""
     return write_coco
+
+
+# ------------------------------------------------------------------------------------ a finished sweep
+
+
+def _tiny_sweep_data(deepforest_root: Path, out: Path, *, num_images: int) -> Path:
+    """The first `num_images` annotated DeepForest training tiles as one COCO file, images copied beside it."""
+    import shutil
+
+    source = deepforest_root / "train" / "_annotations.coco.json"
+    coco = json.loads(source.read_text())
+    annotated = sorted({a["image_id"] for a in coco["annotations"]})[:num_images]
+    images = [image for image in coco["images"] if image["id"] in annotated]
+    out.mkdir(parents=True)
+    for image in images:
+        shutil.copy(source.parent / image["file_name"], out / image["file_name"])
+    subset = {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in annotated]}
+    path = out / "annotations.json"
+    path.write_text(json.dumps(subset))
+    return path
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(deepforest_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The experiment folder of a real tiny sweep, run once per session as `python -m search.cli sweep`
+    (real embedded local Ray, real DeepForest tiles, the ensemble job at the end).
+
+    2 trials x 2 folds x 2 epochs of Faster R-CNN/MobileNetV2 (no pretrained weights) at 128 px on 8 tiles
+    (2 held out), score thresholds sampled in [0.01, 0.05] so that the fused ensemble keeps some boxes.
+    The folder holds everything of docs/INTERFACES.md "Experiment folder": sweep.yaml, split.json,
+    optuna.db, tune/trial_<id>/ (result.json, checkpoints with manifest.json), ensemble/<trial_id>.json,
+    leaderboard.csv/.md, best_ensemble.json (+ best_ensemble/); the sweep's console output is in
+    `<experiment>/../sweep.log`. Tests must treat the folder as read-only (copy it to change it).
+    """
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("finished_sweep")
+    data = _tiny_sweep_data(deepforest_root, root / "data", num_images=8)
+    config = {
+        "name": "tiny", "storage": str(root), "seed": 0,
+        "data": {"path": str(data), "num_folds": 2, "holdout_fraction": 0.25, "class_balanced_sampling": False},
+        "model": {"arch": "faster_rcnn", "backbone": "mobilenet_v2", "pretrained": False},
+        "train": {"epochs": 2, "image_size": 128, "warmup_epochs": 0, "patience": 0, "eval_batch_size": 4},
+        "search": {"num_samples": 2, "max_concurrent_trials": 1,
+                   "space": {"lr": {"low": 0.005, "high": 0.02}, "batch_size": [2, 4],
+                             "score_threshold": {"low": 0.01, "high": 0.05}}},
+        "resources": {"cpus_per_fold": 1, "gpus_per_fold": 0, "coordinator_cpus": 0},
+    }
+    config_path = root / "sweep.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log = root / "sweep.log"
+    with log.open("w") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "search.cli", "sweep", "--config", str(config_path), "--name", "exp",
+             "--no-dashboard"],
+            cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT, timeout=900,
+        )
+    assert done.returncode == 0, log.read_text()[-5000:]
+    return root / "exp"

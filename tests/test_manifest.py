@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import trainables.manifest
 from detection.config import ExperimentConfig
 from detection.data.coco import DatasetError
 from detection.data.splits import make_split
@@ -28,7 +29,7 @@ from trainables.manifest import (
 )
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(trainables.manifest.__file__).resolve().parents[1]  # the checkout the manifest describes
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,7 @@ def test_two_train_runs_with_one_seed_give_the_same_first_epoch_loss(deepforest_
     for i in range(2):
         env = {**os.environ, "PYTHONHASHSEED": str(i + 1)}
         runs.append(subprocess.Popen(
-            [sys.executable, "-m", "detection.train", "--config", str(config), "--out", str(tmp_path / f"run{i}")],
+            [sys.executable, "-m", "search.cli", "train", "--config", str(config), "--out", str(tmp_path / f"run{i}")],
             cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for run in runs:
         output, _ = run.communicate(timeout=600)
@@ -164,3 +165,44 @@ def test_two_train_runs_with_one_seed_give_the_same_first_epoch_loss(deepforest_
     weights = [torch.load(tmp_path / f"run{i}" / "best.pt", weights_only=True) for i in range(2)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+# ------------------------------------------------------------------------------------ in a real sweep
+
+
+@pytest.mark.slow
+def test_every_trial_of_a_sweep_checkpoints_its_manifest(finished_sweep: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from detection.data.splits import Split
+    from search.manifest import check_manifest, latest_checkpoint, read_trial_manifest, trial_dirs
+
+    sweep = yaml.safe_load((finished_sweep / "sweep.yaml").read_text())
+    trials = trial_dirs(finished_sweep / "tune")
+    assert len(trials) == 2
+    manifests = {trial_id: read_trial_manifest(folder) for trial_id, folder in trials.items()}
+    data_path = Path(sweep["data"]["path"])
+    split = Split.from_json(finished_sweep / "split.json")
+    for trial_id, manifest in manifests.items():
+        assert manifest is not None, trial_id
+        assert manifest["dataset"]["sha256"] == dataset_sha256(data_path)[0]
+        assert manifest["split"]["sha256"] == split.hash
+        assert manifest["seeds"] == {"seed": sweep["seed"], "split": split.seed}
+        trial_json = json.loads((latest_checkpoint(trials[trial_id]) / "trial.json").read_text())
+        assert manifest["config"] == trial_json["config"]  # the config the trial trained
+        # Nothing changed since: same data, split and packages; the recorded commit is HEAD or an ancestor
+        # of it (commits may land while a developer's test session runs).
+        assert [d for d in check_manifest(manifest) if not d.startswith("git commit")] == []
+        commit = manifest["git"]["commit"]
+        if commit is not None:
+            assert subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=PROJECT).returncode == 0
+    first, second = manifests.values()
+    assert first["dataset"] == second["dataset"] and first["split"] == second["split"]
+
+    # Edited data is noticed, naming the file that changed.
+    copy = shutil.copytree(data_path.parent, tmp_path / "data")
+    edited = copy / data_path.name
+    edited.write_text(edited.read_text().replace('"iscrowd": 0', '"iscrowd":0', 1))
+    drift = [d for d in check_manifest({**first, "dataset": {**first["dataset"], "path": str(edited)}})
+             if not d.startswith("git commit")]
+    assert len(drift) == 1 and drift[0].startswith("dataset sha256 differs") and data_path.name in drift[0]

@@ -1,0 +1,571 @@
+"""`detsweep report PATH`: one self-contained HTML page that says what won a sweep and why.
+
+The page (`<experiment>/report.html`, every figure a base64 PNG data URI, no script, no external
+file) has, in order:
+
+1. the leaderboard: each trial's detector, lr, batch size, score threshold, its cross-validation
+   score (fold mean +- std at its last epoch) and its ensemble's held-out map, map_50, f1 and score;
+2. Optuna's optimization history and parameter importances, from the study in `<experiment>/optuna.db`
+   (`optuna.visualization.matplotlib`, `optuna.importance.get_param_importances`); with too few
+   completed trials the page says so instead;
+3. learning curves: per trial the fold-mean score per epoch with a +-std band and each fold's score,
+   from the trials' Tune result files (`<experiment>/tune/<trial>/result.json`);
+4. the best ensemble on the held-out split: per-class AP, precision-recall curves, and a grid of
+   held-out images with its boxes (magenta) against the ground truth (green);
+5. reproducibility: the best trial's manifest (dataset and split hashes, seeds, package versions, git
+   commit) and what differs from today, plus the commands to look further (TensorBoard,
+   optuna-dashboard, predict, export-best).
+
+Every section reads its own files; a missing input (e.g. no ensemble job yet) is said in its section,
+so the page can be written for a sweep that is still running.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime
+import html
+import io
+import json
+import logging
+import math
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["REPORT_FILE", "TrialRun", "load_trial_runs", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+_THUMB_SIZE = 420  # longest side of a held-out image in the grid, pixels
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass
+class TrialRun:
+    """One Tune trial as its result file tells it.
+
+    Attributes:
+        trial_id: Tune's trial id (also the name of `ensemble/<trial_id>.json`).
+        folder: the trial folder under `<experiment>/tune`.
+        config: the trial config ("detector", "lr", "batch_size", "score_threshold").
+        results: one dict per `tune.report`, in order (`epoch`, `score_mean`, `fold<k>/score`, ...).
+    """
+
+    trial_id: str
+    folder: Path
+    config: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.results[-1] if self.results else {}
+
+    def series(self, key: str) -> np.ndarray:
+        """float64 [E]: `key` per reported epoch (NaN where missing)."""
+        return np.array([_number(r.get(key)) for r in self.results], dtype=np.float64)
+
+    @property
+    def epochs(self) -> np.ndarray:
+        return np.array([int(r.get("training_iteration", i + 1)) for i, r in enumerate(self.results)])
+
+    @property
+    def num_folds(self) -> int:
+        keys = {k for r in self.results for k in r if k.startswith("fold") and k.endswith("/score")}
+        return len(keys)
+
+
+def load_trial_runs(tune_dir: str | Path) -> list[TrialRun]:
+    """Every trial under a Tune experiment folder, read from its `result.json` (JSON lines).
+
+    A trial that has not reported yet has no results; a half-written last line (a running sweep) is
+    skipped.
+    """
+    from search.manifest import trial_dirs
+
+    runs = []
+    for trial_id, folder in trial_dirs(tune_dir).items():
+        results = []
+        result_file = folder / "result.json"
+        if result_file.is_file():
+            for line in result_file.read_text().splitlines():
+                if line.strip():
+                    try:
+                        results.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        logger.debug("%s: skipping a partial line", result_file)
+        config = dict(results[-1].get("config", {})) if results else {}
+        if not config and (folder / "params.json").is_file():
+            config = json.loads((folder / "params.json").read_text())
+        runs.append(TrialRun(trial_id=trial_id, folder=folder, config=config, results=results))
+    return runs
+
+
+def _number(value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return value
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: expected JSON, but line {error.lineno} column {error.colno}: "
+                         f"{error.msg}.") from error
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def _figure(width: float, height: float):
+    # A bare Figure (no pyplot): no global state, no GUI backend, safe inside a running sweep.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _data_uri(figure_or_png: Any) -> str:
+    """`data:image/png;base64,...` of a matplotlib figure or of PNG bytes."""
+    if isinstance(figure_or_png, bytes):
+        png = figure_or_png
+    else:
+        buffer = io.BytesIO()
+        figure_or_png.savefig(buffer, format="png")
+        png = buffer.getvalue()
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _img(uri: str, alt: str, *, css: str = "") -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}"{f" class={css!r}" if css else ""}>'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+# ------------------------------------------------------------------------------------------ leaderboard
+
+
+def _fmt(value: Any, spec: str) -> str:
+    value = _number(value)
+    return "&ndash;" if math.isnan(value) else format(value, spec)
+
+
+def _leaderboard_rows(runs: Sequence[TrialRun], experiment_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """(rows in rank order, the best trial id).
+
+    After the ensemble job: `leaderboard.csv` as it wrote it (ranked by ensemble score; trials that were
+    not ensembled follow with their status) and the trial of `best_ensemble.json`. Before it: every
+    trial ranked by its cross-validation score (the best fold-mean score over its epochs, as the
+    ensemble job reports it), and no best trial.
+    """
+    from search.ensemble import BEST_ENSEMBLE_JSON, LEADERBOARD_CSV
+
+    board = experiment_dir / LEADERBOARD_CSV
+    if board.is_file():
+        with board.open(newline="") as handle:
+            rows = [{k: (None if v == "" else v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        best_file = experiment_dir / BEST_ENSEMBLE_JSON
+        best = str(_read_json(best_file)["trial_id"]) if best_file.is_file() else None
+        return rows, best
+    rows = []
+    for run in runs:
+        means = run.series("score_mean")
+        at = int(np.nanargmax(means)) if len(means) and not np.isnan(means).all() else None
+        rows.append({
+            "rank": None, "trial_id": run.trial_id, "status": "not ensembled",
+            "detector": run.config.get("detector"), "lr": run.config.get("lr"),
+            "batch_size": run.config.get("batch_size"), "score_threshold": run.config.get("score_threshold"),
+            "cv_score_mean": None if at is None else means[at],
+            "cv_score_std": None if at is None else run.series("score_std")[at],
+            "epochs": len(run.results),
+        })
+    rows.sort(key=lambda r: (r["cv_score_mean"] is None, -(r["cv_score_mean"] or 0.0), r["trial_id"]))
+    return rows, None
+
+
+def _section_leaderboard(rows: list[dict[str, Any]], best: str | None) -> str:
+    if not rows:
+        return _note("No trial has reported yet.")
+    head = ("<tr><th>rank</th><th>trial</th><th>arch/backbone</th><th>lr</th><th>batch</th><th>score thr</th>"
+            "<th>epochs</th><th>CV score mean &plusmn; std</th><th>ensemble map</th><th>map_50</th><th>f1</th>"
+            "<th>score</th><th>status</th></tr>")
+    body = []
+    for r in rows:
+        cls = ' class="best"' if r["trial_id"] == best else ""
+        body.append(
+            f"<tr{cls}><td>{_fmt(r.get('rank'), '.0f')}</td>"
+            f"<td><code>{html.escape(str(r['trial_id']))}</code></td>"
+            f"<td>{html.escape(str(r.get('detector') or '?'))}</td><td>{_fmt(r.get('lr'), '.2e')}</td>"
+            f"<td>{_fmt(r.get('batch_size'), '.0f')}</td><td>{_fmt(r.get('score_threshold'), '.3f')}</td>"
+            f"<td>{html.escape(str(r.get('epochs') or 0))}</td>"
+            f"<td>{_fmt(r.get('cv_score_mean'), '.4f')} &plusmn; {_fmt(r.get('cv_score_std'), '.4f')}</td>"
+            + "".join(f"<td>{_fmt(r.get(m), '.4f')}</td>" for m in ("map", "map_50", "f1", "score"))
+            + f"<td>{html.escape(str(r.get('status') or ''))}</td></tr>")
+    note = ("Ranked by the ensemble's score on the held-out split (score = 0.5 &middot; map_50 + 0.5 &middot; f1 of "
+            "the trial's fold models fused with WBF). CV score: the best fold-mean validation score over the "
+            "trial's epochs, &plusmn; the fold std at that epoch. The highlighted row is the best ensemble.")
+    return f'<table class="board">{head}{"".join(body)}</table><p class="note">{note}</p>'
+
+
+# ------------------------------------------------------------------------------------------ optuna
+
+
+def _load_study(experiment_dir: Path):
+    import optuna
+
+    from search.tuner import OPTUNA_DB, optuna_storage_url
+
+    if not (experiment_dir / OPTUNA_DB).is_file():
+        return None, f"No Optuna study: {experiment_dir / OPTUNA_DB} does not exist."
+    storage = optuna.storages.RDBStorage(optuna_storage_url(experiment_dir))
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    if not summaries:
+        return None, f"{experiment_dir / OPTUNA_DB} holds no study."
+    # The driver names the study after the experiment folder; else take the one with most trials.
+    named = [s for s in summaries if s.study_name == experiment_dir.name]
+    summary = named[0] if named else max(summaries, key=lambda s: s.n_trials)
+    return optuna.load_study(study_name=summary.study_name, storage=storage), None
+
+
+def _section_optuna(experiment_dir: Path) -> str:
+    import optuna
+    from optuna.trial import TrialState
+
+    study, problem = _load_study(experiment_dir)
+    if study is None:
+        return _note(problem)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
+    parts = [f"<p>Study <code>{html.escape(study.study_name)}</code> ({study.direction.name.lower()}): "
+             + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ". Open it live with "
+             f"<code>optuna-dashboard sqlite:///{html.escape(str(experiment_dir / 'optuna.db'))}</code>.</p>"]
+    if not complete:
+        parts.append(_note("No completed Optuna trial yet: no optimization history."))
+        return "".join(parts)
+    from optuna.visualization import matplotlib as optuna_mpl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        axes = optuna_mpl.plot_optimization_history(study, target_name="score_mean")
+        parts.append(_img(_data_uri(_close(axes)), "Optuna optimization history", css="half"))
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (ValueError, RuntimeError) as error:
+            # Optuna's own reasons: "only a single trial", "zero total variance" (all scores equal), ...
+            parts.append(_note(f"Parameter importances are not available with {len(complete)} completed trial(s): "
+                               f"{error} They need at least 2 completed trials with different scores."))
+        else:
+            if importances:
+                axes = optuna_mpl.plot_param_importances(study)
+                parts.append(_img(_data_uri(_close(axes)), "Optuna parameter importances", css="half"))
+                parts.append("<table><tr><th>parameter</th><th>importance (fANOVA)</th></tr>" + "".join(
+                    f"<tr><td>{html.escape(name)}</td><td>{value:.3f}</td></tr>" for name, value in importances.items())
+                    + "</table>")
+            else:
+                parts.append(_note("Parameter importances are empty: no parameter was sampled in every "
+                                   "completed trial."))
+    return "".join(parts)
+
+
+def _close(axes: Any):
+    """The figure of Optuna's matplotlib Axes (or array of Axes), detached from pyplot so it is freed."""
+    import matplotlib.pyplot as plt
+
+    axes = np.asarray(axes, dtype=object).reshape(-1)[0]
+    figure = axes.figure
+    figure.set_size_inches(6.4, 4.0)
+    figure.set_layout_engine("constrained")
+    plt.close(figure)
+    return figure
+
+
+# ------------------------------------------------------------------------------------------ learning curves
+
+
+def _section_curves(runs: Sequence[TrialRun], order: Sequence[str], *, max_trials: int) -> str:
+    runs = [r for r in runs if r.results]
+    if not runs:
+        return _note("No trial has reported an epoch yet.")
+    rank = {trial_id: i for i, trial_id in enumerate(order)}
+    runs = sorted(runs, key=lambda r: (rank.get(r.trial_id, len(rank)), r.trial_id))
+    shown = runs[:max_trials]
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    figure = _figure(3.6 * cols, 2.8 * rows)
+    axes = np.asarray(figure.subplots(rows, cols, squeeze=False, sharey=True)).reshape(-1)
+    for ax, run in zip(axes, shown):
+        epochs, mean, std = run.epochs, run.series("score_mean"), run.series("score_std")
+        for k in range(run.num_folds):
+            ax.plot(epochs, run.series(f"fold{k}/score"), lw=0.8, ls=":", color=f"C{k + 1}", label=f"fold {k}")
+        ax.fill_between(epochs, mean - np.nan_to_num(std), mean + np.nan_to_num(std), color="C0", alpha=0.25,
+                        label="mean ± std")
+        ax.plot(epochs, mean, "o-", color="C0", lw=1.8, ms=3, label="fold mean")
+        ax.set_title(f"{run.trial_id}  {run.config.get('detector', '')}\n"
+                     f"lr {_number(run.config.get('lr')):.1e}, batch {run.config.get('batch_size')}, "
+                     f"thr {_number(run.config.get('score_threshold')):.2f}", fontsize=8)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_xticks(epochs if len(epochs) <= 10 else np.linspace(epochs[0], epochs[-1], 6).round())
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score (0.5 map_50 + 0.5 f1)", fontsize=8)
+    axes[0].legend(fontsize=7, loc="best")
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    note = "" if len(runs) <= max_trials else _note(f"Showing the {max_trials} best of {len(runs)} trials.")
+    return _img(_data_uri(figure), "learning curves: score per epoch, fold mean with a std band") + note
+
+
+# ------------------------------------------------------------------------------------------ ensemble
+
+
+@dataclass
+class _Holdout:
+    class_names: tuple[str, ...]
+    records: list[Any]  # detection.data.coco.ImageRecord, in prediction order
+    preds: list[dict[str, Any]]  # boxes float32 [N, 4] xyxy absolute, scores [N], labels int64 [N] in 1..C
+    targets: list[dict[str, Any]]  # boxes [M, 4] xyxy absolute, labels [M], iscrowd [M]
+    score_threshold: float
+
+
+def _load_holdout(experiment_dir: Path, trial_id: str) -> _Holdout:
+    """The trial's fused held-out predictions (`ensemble/<trial_id>.json`) with their ground truth."""
+    import torch
+
+    from detection.data.coco import load_dataset
+    from search.ensemble import ENSEMBLE_DIR, predictions_from_coco
+    from search.tuner import load_experiment
+
+    config = load_experiment(experiment_dir)
+    index = load_dataset(config.data.path, filter_empty=config.data.filter_empty)
+    path = experiment_dir / ENSEMBLE_DIR / f"{trial_id}.json"
+    result = _read_json(path)
+    spec = result["ensemble"]
+    if list(spec["category_ids"]) != list(index.category_ids):
+        raise ValueError(f"{path}: category ids {spec['category_ids']} differ from the dataset's "
+                         f"{list(index.category_ids)} ({config.data.path}); expected the sweep's own dataset.")
+    image_ids = [int(i) for i in result["image_ids"]]
+    preds = predictions_from_coco(result["predictions"], image_ids, spec["category_ids"])
+    records = index.records(image_ids)
+    targets = [{"boxes": torch.as_tensor(r.boxes).reshape(-1, 4), "labels": torch.as_tensor(r.labels),
+                "iscrowd": torch.as_tensor(r.iscrowd)} for r in records]
+    return _Holdout(class_names=tuple(index.class_names), records=records, preds=preds, targets=targets,
+                    score_threshold=float(spec["score_threshold"]))
+
+
+def _section_per_class(holdout: _Holdout) -> str:
+    from detection.metrics import mean_average_precision, precision_recall_curve
+
+    ap = mean_average_precision(holdout.preds, holdout.targets, class_names=holdout.class_names)
+    gt_counts = {name: 0 for name in holdout.class_names}
+    for target in holdout.targets:
+        for label in target["labels"].tolist():
+            gt_counts[holdout.class_names[label - 1]] += 1
+    table = ("<table><tr><th>class</th><th>held-out boxes</th><th>AP@[.5:.95]</th><th>AP@0.5</th></tr>" + "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{gt_counts[name]}</td><td>{ap[f'ap/{name}']:.4f}</td>"
+        f"<td>{ap[f'ap_50/{name}']:.4f}</td></tr>" for name in holdout.class_names)
+        + f"<tr><th>all</th><td>{sum(gt_counts.values())}</td><td>{ap['map']:.4f}</td><td>{ap['map_50']:.4f}</td>"
+        "</tr></table>")
+
+    figure = _figure(5.2, 4.0)
+    ax = figure.subplots()
+    curves = [(None, "all classes")] + [(label, name) for label, name in enumerate(holdout.class_names, start=1)]
+    for i, (label, name) in enumerate(curves):
+        precision, recall, thresholds = precision_recall_curve(holdout.preds, holdout.targets, label=label)
+        if len(precision) == 0:
+            continue
+        style = dict(lw=2.2, color="black") if label is None else dict(lw=1.2, color=f"C{i}")
+        ax.plot(recall, precision, label=f"{name} ({gt_counts.get(name, sum(gt_counts.values()))} gt)", **style)
+        if label is None:  # the operating point: the trial's score threshold
+            at = np.flatnonzero(thresholds >= holdout.score_threshold)
+            if len(at):
+                ax.plot(recall[at[-1]], precision[at[-1]], "o", color="black", ms=6,
+                        label=f"score ≥ {holdout.score_threshold:.2f}")
+    ax.set_xlabel("recall (IoU 0.5)")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8, loc="lower left")
+    else:
+        ax.text(0.5, 0.5, "the ensemble predicted no boxes", ha="center", va="center", transform=ax.transAxes)
+    return ('<div class="row">' + table + _img(_data_uri(figure), "precision-recall curves of the best ensemble",
+                                               css="half") + "</div>")
+
+
+def _section_images(holdout: _Holdout, *, max_images: int) -> str:
+    from PIL import Image
+
+    from detection.data.coco import read_image
+    from detection.drawing import draw_detections
+
+    if not holdout.records:
+        return _note("The held-out split is empty: no images to show.")
+    # The images with the most ground truth first: where a reader sees the ensemble work hardest.
+    order = sorted(range(len(holdout.records)), key=lambda i: (-len(holdout.records[i].boxes), i))[:max_images]
+    cells = []
+    with tempfile.TemporaryDirectory(prefix="detsweep-report-") as tmp:
+        for i in order:
+            record, pred, target = holdout.records[i], holdout.preds[i], holdout.targets[i]
+            drawn = draw_detections(read_image(record), pred, target, class_names=holdout.class_names,
+                                    score_threshold=holdout.score_threshold, out_path=Path(tmp) / f"{i}.png")
+            with Image.open(drawn) as image:
+                image.thumbnail((_THUMB_SIZE, _THUMB_SIZE))
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG", optimize=True)
+            kept = int((pred["scores"] >= holdout.score_threshold).sum())
+            caption = f"{record.path.name}: {len(record.boxes)} ground truth, {kept} predicted"
+            cells.append(f"<figure>{_img(_data_uri(buffer.getvalue()), caption)}"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    legend = ('<p class="note"><span class="gt">green</span>: ground truth; <span class="pred">magenta</span>: '
+              f"the ensemble's boxes with score &ge; {holdout.score_threshold:.2f} (the trial's threshold).</p>")
+    more = "" if len(holdout.records) <= max_images else _note(
+        f"Showing {max_images} of {len(holdout.records)} held-out images (most ground-truth boxes first).")
+    return legend + f'<div class="grid">{"".join(cells)}</div>' + more
+
+
+# ------------------------------------------------------------------------------------------ reproducibility
+
+
+def _section_reproducibility(experiment_dir: Path, best_run: TrialRun | None) -> str:
+    from search.manifest import check_manifest, read_trial_manifest
+
+    commands = [
+        f"tensorboard --logdir {experiment_dir / 'tune'}",
+        f"optuna-dashboard sqlite:///{experiment_dir / 'optuna.db'}",
+        f"detsweep predict --ensemble {experiment_dir / 'best_ensemble.json'} IMAGES... --out preds.json --draw drawn/",
+        f"detsweep export-best {experiment_dir} --out best.yaml && detsweep train --config best.yaml --all-data",
+    ]
+    parts = ["<pre>" + html.escape("\n".join(commands)) + "</pre>"]
+    if best_run is None:
+        parts.append(_note("No best trial yet: the ensemble job picks it; its manifest is shown here then."))
+        return "".join(parts)
+    manifest = read_trial_manifest(best_run.folder)
+    if manifest is None:
+        parts.append(_note("The best trial has no manifest.json in its checkpoint."))
+        return "".join(parts)
+    rows = [
+        ("dataset", f"{manifest['dataset']['path']}<br><code>sha256 {manifest['dataset']['sha256']}</code>"),
+        ("split", f"{manifest['split']['path']}<br><code>sha256 {manifest['split']['sha256']}</code>"),
+        ("seeds", f"<code>{html.escape(json.dumps(manifest.get('seeds', {})))}</code>"),
+        ("git commit", f"<code>{manifest.get('git', {}).get('commit')}</code>"
+                       + (" (uncommitted changes)" if manifest.get("git", {}).get("dirty") else "")),
+        ("packages", ", ".join(f"{html.escape(k)} {html.escape(str(v))}"
+                               for k, v in manifest.get("packages", {}).items())),
+        ("written", html.escape(str(manifest.get("created")))),
+    ]
+    parts.append("<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>")
+    drift = check_manifest(manifest)
+    parts.append(_note("A rerun today starts from the same data, split, packages and commit.") if not drift else
+                 '<p class="warn">Differs from today:</p><ul>' + "".join(f"<li>{html.escape(d)}</li>" for d in drift)
+                 + "</ul>")
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ page
+
+
+_CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1500px; padding: 0 16px; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 18px; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }
+table { border-collapse: collapse; margin: 8px 0; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f3f3f3; } td:nth-child(2), td:nth-child(3) { text-align: left; }
+tr.best td { background: #fff3c4; font-weight: 600; }
+img { max-width: 100%; height: auto; } img.half { max-width: 48%; vertical-align: top; margin-right: 1%; }
+.row { display: flex; gap: 24px; align-items: flex-start; flex-wrap: wrap; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 12px; }
+figure { margin: 0; } figcaption { font-size: 12px; color: #555; overflow-wrap: anywhere; }
+.note { color: #555; font-size: 13px; } .warn { color: #a40000; font-weight: 600; }
+.gt { color: #008a00; font-weight: 600; } .pred { color: #c000c0; font-weight: 600; }
+pre { background: #f6f6f6; padding: 8px; overflow-x: auto; } code { font-size: 12px; }
+"""
+
+
+def _section(title: str, anchor: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
+
+
+def _guarded(title: str, builder, *args, **kwargs) -> str:
+    """A section whose input files are missing says so; other errors propagate (they are bugs)."""
+    try:
+        return builder(*args, **kwargs)
+    except FileNotFoundError as error:
+        return _note(f"{title}: not available yet ({error}).")
+
+
+def build_report(experiment_dir: str | Path, *, max_images: int = 8, max_curves: int = 24) -> str:
+    """The report page of an experiment folder as an HTML string (see the module docstring)."""
+    from search.tuner import TUNE_DIR, load_experiment
+
+    experiment_dir = Path(experiment_dir).resolve()
+    config = load_experiment(experiment_dir)  # ConfigError when this is not an experiment folder
+    runs = load_trial_runs(experiment_dir / TUNE_DIR)
+    rows, best = _leaderboard_rows(runs, experiment_dir)
+    best_run = next((r for r in runs if r.trial_id == best), None)
+
+    sections = [
+        _section("Leaderboard", "leaderboard", _section_leaderboard(rows, best)),
+        _section("Optuna: optimization history and parameter importances", "optuna",
+                 _guarded("Optuna", _section_optuna, experiment_dir)),
+        _section("Learning curves", "curves",
+                 _section_curves(runs, [r["trial_id"] for r in rows], max_trials=max_curves)),
+    ]
+    has_ensemble = best is not None and (experiment_dir / "ensemble" / f"{best}.json").is_file()
+    if has_ensemble:
+        holdout = _load_holdout(experiment_dir, best)
+        sections += [
+            _section(f"Best ensemble ({best}) on the held-out split: per-class AP and precision-recall", "per-class",
+                     _section_per_class(holdout)),
+            _section("Held-out images: ensemble boxes against ground truth", "images",
+                     _section_images(holdout, max_images=max_images)),
+        ]
+    else:
+        sections.append(_section("Best ensemble", "per-class", _note(
+            f"No ensemble results yet: run `detsweep ensemble {experiment_dir}`.")))
+    sections.append(_section("Reproducibility and next steps", "reproducibility",
+                             _section_reproducibility(experiment_dir, best_run)))
+
+    summary = (f"{len(runs)} trials of {config.search.num_samples}, {config.data.num_folds} folds, "
+               f"{config.train.epochs} epochs at {config.train.image_size} px; metric "
+               f"<code>{html.escape(config.search.metric)}</code> ({config.search.mode}). Data: "
+               f"<code>{html.escape(config.data.path)}</code>.")
+    if best is not None:
+        top = next(r for r in rows if r["trial_id"] == best)
+        summary += (f" <b>Best: trial <code>{html.escape(best)}</code>, {html.escape(str(top.get('detector')))}, "
+                    f"ensemble score {_fmt(top.get('score'), '.4f')} (CV {_fmt(top.get('cv_score_mean'), '.4f')} "
+                    f"&plusmn; {_fmt(top.get('cv_score_std'), '.4f')}).</b>")
+    written = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    title = f"detsweep report: {experiment_dir.name}"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><link rel=\"icon\" href=\"data:,\"><style>{_CSS}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><p>{summary}</p><p class=\"note\">{html.escape(str(experiment_dir))}, "
+            f"written {written}.</p>" + "".join(sections) + "</body></html>\n")
+
+
+def write_report(experiment_dir: str | Path, *, out: str | Path | None = None, max_images: int = 8,
+                 max_curves: int = 24) -> Path:
+    """Write the report page of an experiment folder; returns its path (default `<experiment>/report.html`).
+
+    Raises:
+        detection.config.ConfigError: when `experiment_dir` is not a detsweep experiment folder.
+    """
+    experiment_dir = Path(experiment_dir).resolve()
+    page = build_report(experiment_dir, max_images=max_images, max_curves=max_curves)
+    path = Path(out) if out is not None else experiment_dir / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,164 @@
+"""`detsweep predict`: the best ensemble of a real finished sweep on image files and folders."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from pycocotools.coco import COCO
+from torchvision.ops import box_iou
+
+from detection.data.coco import load_dataset
+from detection.metrics import detection_metrics
+from search.cli import main as cli_main
+from search.ensemble import predictions_from_coco
+from search.predict import PredictError, collect_images, predict_images, read_image_file
+
+
+def _holdout_files(experiment: Path) -> tuple[list[Path], list[int]]:
+    """(held-out image files, their dataset ids) of the sweep."""
+    config = yaml.safe_load((experiment / "sweep.yaml").read_text())
+    index = load_dataset(config["data"]["path"])
+    holdout = json.loads((experiment / "split.json").read_text())["holdout"]
+    return [index.by_id(i).path for i in holdout], holdout
+
+
+def _coco_with_results(data: dict) -> tuple[COCO, COCO]:
+    """(the images/categories as a COCO ground-truth object, pycocotools' `loadRes` of the annotations)."""
+    gt = COCO()
+    gt.dataset = {"images": data["images"], "categories": data["categories"], "annotations": []}
+    gt.createIndex()
+    return gt, gt.loadRes(data["annotations"])
+
+
+@pytest.mark.slow
+def test_predict_files_and_folders_skipping_unreadable(finished_sweep: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    files, _ = _holdout_files(finished_sweep)
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    shutil.copy(files[0], folder / "nested" / "a.png")
+    shutil.copy(files[1], folder / "b.PNG")  # suffixes match in any case
+    (folder / "notes.txt").write_text("not an image, and not picked up from a folder")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
+    missing = tmp_path / "missing.jpg"
+    out, drawn = tmp_path / "preds.json", tmp_path / "drawn"
+
+    code = cli_main(["predict", "--ensemble", str(finished_sweep / "best_ensemble.json"), str(files[0]),
+                     str(broken), str(folder), str(missing), "--out", str(out), "--draw", str(drawn),
+                     "--device", "cpu"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert f"skipping {broken}" in captured.err and f"skipping {missing}" in captured.err
+    assert "3 images" in captured.out and "2 unreadable image(s) skipped" in captured.out
+
+    data = json.loads(out.read_text())
+    assert [image["file_name"] for image in data["images"]] == [
+        str(files[0].resolve()), str((folder / "b.PNG").resolve()), str((folder / "nested" / "a.png").resolve())]
+    assert [image["id"] for image in data["images"]] == [1, 2, 3]
+    assert all((image["width"], image["height"]) == Image.open(image["file_name"]).size for image in data["images"])
+    assert [s["file"] for s in data["skipped"]] == [str(broken), str(missing)]
+    # The dataset's original COCO category ids (DeepForest: 1 Tree, 2 Dead, 3 Alive; 0 is the dataset name).
+    assert data["categories"] == [{"id": 1, "name": "Tree"}, {"id": 2, "name": "Dead"}, {"id": 3, "name": "Alive"}]
+
+    gt, results = _coco_with_results(data)
+    assert len(data["annotations"]) > 0  # the fixture's low thresholds keep fused boxes
+    assert set(results.getImgIds()) <= {1, 2, 3}
+    assert set(results.getCatIds()) <= {1, 2, 3}
+    for ann in results.loadAnns(results.getAnnIds()):
+        x, y, w, h = ann["bbox"]
+        image = gt.imgs[ann["image_id"]]
+        assert w > 0 and h > 0 and x >= -1e-3 and y >= -1e-3
+        assert x + w <= image["width"] + 1e-3 and y + h <= image["height"] + 1e-3
+        assert ann["area"] == pytest.approx(w * h, rel=1e-6) and 0.0 <= ann["score"] <= 1.0
+    # The same file twice gives the same boxes (images 1 and 3 are one file).
+    by_image = {i: sorted((a["category_id"], *np.round(a["bbox"], 3), round(a["score"], 5))
+                          for a in data["annotations"] if a["image_id"] == i) for i in (1, 3)}
+    assert by_image[1] == by_image[3]
+
+    assert sorted(p.name for p in drawn.iterdir()) == sorted([files[0].with_suffix(".png").name, "a.png", "b.png"])
+    assert all(Image.open(p).size == Image.open(files[0]).size for p in drawn.iterdir())
+
+
+@pytest.mark.slow
+def test_predict_matches_the_ensemble_jobs_held_out_predictions(finished_sweep: Path, tmp_path: Path) -> None:
+    """Same models, same fusion, same pixels: predict reproduces the ensemble job's fused held-out boxes."""
+    best = json.loads((finished_sweep / "best_ensemble.json").read_text())
+    files, holdout = _holdout_files(finished_sweep)
+    summary = predict_images(finished_sweep / "best_ensemble.json", files, out=tmp_path / "p.json", device="cpu")
+    assert summary.num_images == len(files) and summary.skipped == []
+    data = json.loads(summary.out.read_text())
+    ours = predictions_from_coco(data["annotations"], [image["id"] for image in data["images"]], best["category_ids"])
+    job = json.loads((finished_sweep / "ensemble" / f"{best['trial_id']}.json").read_text())
+    theirs = predictions_from_coco(job["predictions"], holdout, best["category_ids"])
+    assert sum(len(p["boxes"]) for p in theirs) > 0
+    twins = total = 0
+    for mine, reference in zip(ours, theirs):
+        assert len(mine["boxes"]) == len(reference["boxes"])
+        torch.testing.assert_close(mine["scores"].sort().values, reference["scores"].sort().values, atol=1e-4, rtol=0)
+        # Boxes of equal score may come in either order, and WBF's clusters depend on that order when
+        # float noise of another thread count reorders ties: nearly every box has its twin (same label,
+        # IoU > 0.99), and the metrics agree.
+        iou = box_iou(mine["boxes"], reference["boxes"])  # [N, N]
+        iou[mine["labels"][:, None] != reference["labels"][None, :]] = 0.0
+        twins += int((iou.max(dim=1).values > 0.99).sum()) if len(iou) else 0
+        total += len(iou)
+    assert twins >= 0.98 * total
+    index = load_dataset(yaml.safe_load((finished_sweep / "sweep.yaml").read_text())["data"]["path"])
+    targets = [{"boxes": torch.as_tensor(r.boxes), "labels": torch.as_tensor(r.labels)} for r in index.records(holdout)]
+    metrics = detection_metrics(ours, targets, score_threshold=best["score_threshold"], class_names=best["class_names"])
+    for key in ("map", "map_50", "f1", "score"):
+        assert metrics[key] == pytest.approx(best["holdout_metrics"][key], abs=2e-3), key
+
+
+@pytest.mark.slow
+def test_predict_with_only_unreadable_images_writes_an_empty_result(finished_sweep: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "x.jpg"
+    broken.write_text("plain text")
+    out = tmp_path / "preds.json"
+    code = cli_main(["predict", "--ensemble", str(finished_sweep / "best_ensemble.json"), str(broken),
+                     "--out", str(out)])
+    assert code == 1  # nothing predicted
+    assert f"skipping {broken}" in capsys.readouterr().err
+    data = json.loads(out.read_text())
+    assert data["images"] == [] and data["annotations"] == [] and len(data["skipped"]) == 1
+
+
+def test_empty_folder_is_an_error_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictError, match=re.escape(str(tmp_path / "empty"))):
+        collect_images([tmp_path / "empty"])
+    # The ensemble file does not even exist: the inputs are checked first.
+    code = cli_main(["predict", "--ensemble", str(tmp_path / "nope.json"), str(tmp_path / "empty"),
+                     "--out", str(tmp_path / "p.json")])
+    assert code == 2
+    assert "No image files" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_missing_ensemble_manifest_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    code = cli_main(["predict", "--ensemble", str(tmp_path / "nope.json"), str(image), "--out", str(tmp_path / "p")])
+    assert code == 2
+    assert str(tmp_path / "nope.json") in capsys.readouterr().err
+
+
+def test_read_image_file_converts_to_rgb_and_names_bad_files(tmp_path: Path) -> None:
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.full((5, 7), 200, dtype=np.uint8)).save(gray)
+    array = read_image_file(gray)
+    assert array.shape == (5, 7, 3) and array.dtype == np.uint8 and (array == 200).all()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    with pytest.raises(PredictError, match=re.escape(str(bad))):
+        read_image_file(bad)
