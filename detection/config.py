@@ -50,6 +50,10 @@ class ModelConfig:
     kmeans_anchors: bool = True  # Faster R-CNN anchors from k-means over the training boxes
     trainable_layers: int = 3
     freeze_backbone_epochs: int = 0  # fcos_tal: backbone frozen for this many epochs, then unfrozen
+    # faster_rcnn: RoIs per image for the box head and training proposals kept (torchvision's defaults);
+    # the box head dominates a CPU step at small sizes, so CPU configs lower them.
+    roi_batch_size_per_image: int = 512
+    rpn_post_nms_top_n_train: int = 2000
 
     def validate(self, where: str) -> None:
         from detection.models.factory import ARCHS
@@ -59,6 +63,10 @@ class ModelConfig:
                f"an integer in [0, 5], got {self.trainable_layers}")
         _check(self.freeze_backbone_epochs >= 0, where, "model.freeze_backbone_epochs",
                f">= 0, got {self.freeze_backbone_epochs}")
+        _check(self.roi_batch_size_per_image >= 1, where, "model.roi_batch_size_per_image",
+               f">= 1, got {self.roi_batch_size_per_image}")
+        _check(self.rpn_post_nms_top_n_train >= 1, where, "model.rpn_post_nms_top_n_train",
+               f">= 1, got {self.rpn_post_nms_top_n_train}")
         if self.weights_path is not None:
             _check(Path(self.weights_path).is_file(), where, "model.weights_path",
                    f"an existing file, got {self.weights_path!r}")

@@ -23,6 +23,8 @@ def build_detector(
     weights_path: str | Path | None = None,
     anchor_shapes: np.ndarray | Tensor | None = None,
     trainable_layers: int = 3,
+    roi_batch_size_per_image: int = 512,
+    rpn_post_nms_top_n_train: int = 2000,
 ) -> nn.Module:
     """A detector with torchvision's contract.
 
@@ -36,6 +38,8 @@ def build_detector(
         weights_path: a local backbone weights file that overrides the download.
         anchor_shapes: faster_rcnn only: [k, 2] (w, h) pixels at `image_size` from k-means.
         trainable_layers: backbone stages left trainable (0..5).
+        roi_batch_size_per_image, rpn_post_nms_top_n_train: faster_rcnn only: RoIs sampled per image and
+            training proposals kept (see `build_faster_rcnn`).
     Returns:
         An `nn.Module`: train mode `model(images, targets)` -> dict of losses; eval mode `model(images)` ->
         list of {"boxes" [N, 4] xyxy absolute in each input image's pixels, "scores" [N], "labels" int64 [N]}.
@@ -52,6 +56,7 @@ def build_detector(
             return build_faster_rcnn(
                 backbone=backbone, num_classes=num_classes, image_size=image_size, pretrained=pretrained,
                 weights_path=weights_path, anchor_shapes=anchor_shapes, trainable_layers=trainable_layers,
+                roi_batch_size_per_image=roi_batch_size_per_image, rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
             )
         case "fcos_tal":
             if anchor_shapes is not None:

@@ -32,6 +32,8 @@ def build_faster_rcnn(
     weights_path: str | Path | None = None,
     anchor_shapes: np.ndarray | Tensor | None = None,
     trainable_layers: int = 3,
+    roi_batch_size_per_image: int = 512,
+    rpn_post_nms_top_n_train: int = 2000,
 ) -> FasterRCNN:
     """Faster R-CNN with `BACKBONES[backbone]` + FPN.
 
@@ -43,6 +45,9 @@ def build_faster_rcnn(
         anchor_shapes: [k, 2] (w, h) pixels at `image_size` (k-means over training boxes) replacing the
             default anchors; all k of them at every location of every FPN level.
         trainable_layers: backbone stages left trainable (0..5) when the backbone is pretrained.
+        roi_batch_size_per_image, rpn_post_nms_top_n_train: RoIs sampled per image for the box head and
+            proposals kept in training (torchvision's 512 / 2000). The box head's RoIAlign backward and fc6
+            dominate a CPU step at small image sizes, so CPU configs lower them (e.g. 128 / 500).
     Returns:
         torchvision's `FasterRCNN`: train mode `model(images, targets)` -> dict of losses; eval mode
         `model(images)` -> list of {"boxes" float [N, 4] xyxy absolute, "scores" [N], "labels" int64 [N] in 1..C}.
@@ -74,6 +79,8 @@ def build_faster_rcnn(
         box_roi_pool=MultiScaleRoIAlign(featmap_names=list(fpn_backbone.featmap_names), output_size=7,
                                         sampling_ratio=2),
         box_detections_per_img=BOX_DETECTIONS_PER_IMG,
+        box_batch_size_per_image=roi_batch_size_per_image,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
     )
 
 
