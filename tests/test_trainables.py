@@ -171,7 +171,7 @@ def test_aggregate_fold_metrics_rejects_no_folds_and_missing_metric() -> None:
 def _best(fold: int, score: float, epoch: int = 1) -> BestModel:
     weights = {"w": torch.full((2, 3), float(fold)), "b": torch.arange(3, dtype=torch.float32)}
     return BestModel(fold=fold, epoch=epoch, score=score, map_50=score + 0.1, f1=score - 0.1, map=score / 2,
-                     model=state_to_bytes(weights), anchor_shapes=[[8.0 + fold, 16.0]])
+                     model=state_to_bytes(weights))
 
 
 def test_rank_best_keeps_top_folds_by_score() -> None:
@@ -193,8 +193,7 @@ def test_checkpoint_layout_round_trip(tmp_path: Path) -> None:
     entries = json.loads((tmp_path / "best" / "best.json").read_text())
     assert [(e["rank"], e["fold"], e["epoch"], e["score"], e["file"]) for e in entries] == [
         (1, 1, 3, 0.6, "rank-1.pt"), (2, 2, 1, 0.5, "rank-2.pt")]
-    assert set(entries[0]) == {"rank", "fold", "epoch", "score", "map_50", "f1", "map", "file", "anchor_shapes"}
-    assert entries[0]["anchor_shapes"] == [[9.0, 16.0]]  # fold 1's anchors travel with its model
+    assert set(entries[0]) == {"rank", "fold", "epoch", "score", "map_50", "f1", "map", "file"}
     assert torch.load(tmp_path / "best" / "rank-1.pt", weights_only=True)["w"].tolist() == [[1.0] * 3] * 2
     assert json.loads((tmp_path / "manifest.json").read_text()) == {"format": 1}
     assert [Path(e["path"]).name for e in read_best(tmp_path)] == ["rank-1.pt", "rank-2.pt"]
@@ -227,11 +226,6 @@ def test_fold_worker_trains_saves_and_resumes(deepforest_root: Path) -> None:
     info = worker.info()
     assert (info["num_train"], info["num_val"], info["num_classes"]) == (3, 3, 3)
     assert info["class_names"] == ["Tree", "Dead", "Alive"] and info["node_id"] is None  # not in Ray
-    # k-means anchors of this fold's training boxes: up to 9 (w, h) pairs, sorted by area
-    anchors = torch.tensor(info["anchor_shapes"])
-    assert anchors.ndim == 2 and anchors.shape[1] == 2 and 1 <= len(anchors) <= 9
-    areas = anchors.prod(dim=1)
-    assert torch.all(areas[1:] >= areas[:-1])
 
     train = worker.train_epoch()
     assert train["epoch"] == 1 and math.isfinite(train["loss"]) and train["start"] <= train["end"]

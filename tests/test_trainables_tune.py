@@ -16,7 +16,9 @@ from ray import tune
 from detection.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from detection.data.splits import Split
 from search.config import ResourcesConfig
-from trainables.trial import TrialFailed, TrialSetup, train_trial, trial_resources
+from detection.engine import NonFiniteLossError
+from trainables.fold_worker import FoldWorker
+from trainables.trial import TrialFailed, TrialSetup, failure_reason, train_trial, trial_resources
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +38,7 @@ def make_setup(data_path: Path, split: Split, folder: Path, **train: Any) -> Tri
     base = ExperimentConfig(
         data=DataConfig(path=str(data_path), num_folds=split.num_folds, class_balanced_sampling=False),
         model=ModelConfig(arch="faster_rcnn", backbone="mobilenet_v2", pretrained=False),
-        train=TrainConfig(**{"image_size": 128, "eval_batch_size": 3, "augment": False, "amp": False,
+        train=TrainConfig(**{"image_size": 128, "eval_batch_size": 2, "augment": False, "amp": False,
                              "warmup_epochs": 0.0, **train}),
     ).validate()
     return TrialSetup(base=base, split_path=str(split.to_json(folder / "split.json")), resources=RESOURCES)
@@ -78,6 +80,37 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
     assert healthy.error is None and healthy.metrics["epoch"] == 1 and healthy.checkpoint is not None
 
 
+@ray.remote(num_cpus=0)
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        pytest.param(NonFiniteLossError("loss is nan at iteration 4"), "non-finite loss", id="non-finite"),
+        pytest.param(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "CUDA out of memory",
+                     id="cuda-oom"),
+        pytest.param(ValueError("bad box"), "ValueError", id="other"),
+    ],
+)
+def test_failure_reason_sees_through_rays_wrapping(local_ray: None, error: BaseException, reason: str) -> None:
+    with pytest.raises(ray.exceptions.RayTaskError) as info:
+        ray.get(_raise.remote(error))
+    assert failure_reason(info.value) == reason
+
+
+def test_fold_worker_that_cannot_start_is_an_init_failure(local_ray: None, deepforest_root: Path,
+                                                          tmp_path: Path) -> None:
+    # What the coordinator relies on to fail the trial instead of recreating the worker again and again.
+    setup = make_setup(deepforest_root, Split(holdout=(), folds=((0,), (1,)), seed=0), tmp_path, epochs=1)
+    bad = Split(holdout=(), folds=((0,), (99_999,)), seed=0)  # an image id the dataset does not have
+    worker = ray.remote(FoldWorker).options(num_cpus=0.5).remote(setup.base, bad, 0)
+    with pytest.raises(ray.exceptions.ActorDiedError) as info:
+        ray.get(worker.info.remote())
+    assert info.value.actor_init_failed and "99999" in str(info.value) and "DatasetError" in str(info.value)
+
+
 class KillCoordinator(tune.Callback):
     """SIGKILLs the trial's coordinator process once Tune has registered its first checkpoint."""
 
@@ -94,16 +127,27 @@ class KillCoordinator(tune.Callback):
 def test_trial_resumes_from_its_checkpoint_after_its_coordinator_dies(
     local_ray: None, deepforest_root: Path, tmp_path: Path
 ) -> None:
-    split = Split(holdout=(), folds=((0, 1, 2), (3, 4, 5)), seed=0)
-    setup = make_setup(deepforest_root, split, tmp_path, epochs=2, batch_size=2)
+    split = Split(holdout=(), folds=((0, 1), (2, 3)), seed=0)
+    setup = make_setup(deepforest_root, split, tmp_path, epochs=3, batch_size=2, patience=1)
     killer = KillCoordinator()
     results = fit(setup, tmp_path, {"lr": 0.01}, max_failures=1, callbacks=[killer])
 
     (result,) = results
     assert killer.killed is not None and result.error is None
-    last = result.metrics
-    # Tune restarted the trial from the epoch-1 checkpoint: it ran epoch 2 only, in new processes.
-    assert (last["epoch"], last["training_iteration"], last["resumed_epoch"]) == (2, 2, 1)
-    assert last["coordinator_pid"] != killer.killed
+    history = result.metrics_dataframe
+    # Tune restarted the trial from the epoch-1 checkpoint: epochs 2.. ran in a new coordinator.
+    assert history["epoch"].tolist() == history["training_iteration"].tolist() == list(range(1, len(history) + 1))
+    assert history["resumed_epoch"].tolist()[1:] == [1] * (len(history) - 1)
+    assert killer.killed not in history["coordinator_pid"].tolist()[1:]
     state = torch.load(Path(result.checkpoint.path) / "folds" / "fold-0.pt", weights_only=True)
-    assert state["epoch"] == 2
+    assert state["epoch"] == len(history)
+
+    # Early stopping with patience 1, across the restart: fold k stops at epoch e >= 2 when its score did
+    # not beat its best so far, and the trial ends at the first epoch where every fold has stopped.
+    for k in range(2):
+        scores = history[f"fold{k}/score"].tolist()
+        expected = [False] + [scores[e] <= max(scores[:e]) for e in range(1, len(scores))]
+        assert history[f"fold{k}/should_stop"].astype(bool).tolist() == expected
+    all_stopped = (history["folds_stopped"] == 2).tolist()
+    stopped_at = all_stopped.index(True) + 1 if True in all_stopped else None
+    assert len(history) == (stopped_at or 3)

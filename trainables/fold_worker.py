@@ -28,7 +28,7 @@ import torch
 from detection.config import ExperimentConfig
 from detection.data.coco import load_dataset
 from detection.data.splits import Split
-from detection.trainer import FoldTrainer, anchor_shapes_for
+from detection.trainer import FoldTrainer
 
 __all__ = ["FoldWorker", "pick_device", "state_from_bytes", "state_to_bytes"]
 
@@ -114,11 +114,6 @@ class FoldWorker:
         )
         if state is not None:
             self.trainer.load_state_dict(state_from_bytes(state))
-        # The k-means anchors depend on the fold's training boxes; a saved model is only usable with them.
-        anchors = getattr(self.trainer, "anchor_shapes", None)
-        if anchors is None and config.model.kmeans_anchors and config.model.arch == "faster_rcnn":
-            anchors = anchor_shapes_for(index, split.train_ids(self.fold), image_size=config.train.image_size,
-                                        seed=self.trainer.seed)
         self._info = {
             "fold": self.fold,
             "node_id": _ray_node_id(),
@@ -131,8 +126,6 @@ class FoldWorker:
             "class_names": list(index.class_names),
             "category_ids": list(index.category_ids),
             "split_hash": split.hash,
-            # [k, 2] (w, h) pixels at train.image_size for build_detector(anchor_shapes=...); None: default anchors
-            "anchor_shapes": None if anchors is None else [[float(w), float(h)] for w, h in anchors],
             "resumed_epoch": self.trainer.epoch,
             "setup_time_s": time.time() - started,
         }
@@ -141,8 +134,7 @@ class FoldWorker:
         return {"fold": self.fold, "node_id": self._info["node_id"], "pid": self._info["pid"]}
 
     def info(self) -> dict[str, Any]:
-        """Where the fold runs (node id, pid, device, threads), its image counts, the dataset's classes and
-        the fold's k-means anchor shapes (what `build_detector` needs to load its model)."""
+        """Where the fold runs (node id, pid, device, threads), its image counts and the dataset's classes."""
         return dict(self._info)
 
     def train_epoch(self) -> dict[str, Any]:

@@ -65,6 +65,7 @@ __all__ = [
     "TrialSetup",
     "aggregate_fold_metrics",
     "apply_trial_params",
+    "failure_reason",
     "rank_best",
     "read_best",
     "read_trial_checkpoint",
@@ -230,14 +231,12 @@ class BestModel:
     map_50: float
     f1: float
     map: float
-    model: bytes = field(repr=False)  # torch.save of the model's state_dict
-    # [k, 2] (w, h) k-means anchors of the fold (faster_rcnn): build_detector(anchor_shapes=...) to load `model`
-    anchor_shapes: list[list[float]] | None = None
+    # torch.save of the model's state_dict (Faster R-CNN's k-means anchors are in it: rpn.anchor_generator)
+    model: bytes = field(repr=False)
 
     def to_json(self, rank: int, file: str) -> dict[str, Any]:
         return {"rank": rank, "fold": self.fold, "epoch": self.epoch, "score": self.score,
-                "map_50": self.map_50, "f1": self.f1, "map": self.map, "file": file,
-                "anchor_shapes": self.anchor_shapes}
+                "map_50": self.map_50, "f1": self.f1, "map": self.map, "file": file}
 
 
 def rank_best(best: Mapping[int, BestModel], keep: int) -> list[BestModel]:
@@ -271,8 +270,8 @@ def write_trial_checkpoint(
 
         folds/fold-<k>.pt   fold k's full resume state (torch.load(..., weights_only=True) reads it)
         best/rank-<r>.pt    the r-th best fold model's state_dict, r = 1..len(best)
-        best/best.json      [{rank, fold, epoch, score, map_50, f1, map, file, anchor_shapes}] best
-                            first; file is relative to best/; anchor_shapes [k, 2] or null
+        best/best.json      [{rank, fold, epoch, score, map_50, f1, map, file}] best first; file is
+                            relative to best/
         trial.json          arch, backbone, params, num_classes, class_names, category_ids, image_size,
                             score_threshold, epoch, ...
         manifest.json       `trainables.manifest.build_trial_manifest` (when given)
@@ -317,7 +316,7 @@ def read_trial_checkpoint(directory: str | Path) -> TrialCheckpoint:
         states.append(path.read_bytes())
     best = [
         BestModel(fold=e["fold"], epoch=e["epoch"], score=e["score"], map_50=e["map_50"], f1=e["f1"], map=e["map"],
-                  model=Path(e["path"]).read_bytes(), anchor_shapes=e.get("anchor_shapes"))
+                  model=Path(e["path"]).read_bytes())
         for e in read_best(directory)
     ]
     return TrialCheckpoint(fold_states=states, best=best, trial=trial)
@@ -326,7 +325,10 @@ def read_trial_checkpoint(directory: str | Path) -> TrialCheckpoint:
 # -------------------------------------------------------------------------------------- the trial
 
 
-def _reason(error: BaseException) -> str:
+def failure_reason(error: BaseException) -> str:
+    """Short reason of a fold's failure as `ray.get` raised it (Ray wraps the worker's exception in a
+    RayTaskError that also is an instance of the original type): "non-finite loss", "CUDA out of memory",
+    "host out of memory ...", else the original exception's type name."""
     cause = getattr(error, "cause", None) or error
     if isinstance(cause, NonFiniteLossError) or isinstance(error, NonFiniteLossError):
         return "non-finite loss"
@@ -454,7 +456,7 @@ class _Trial:
                 except _LOST:
                     raise
                 except ray.exceptions.RayError as error:
-                    reason = _reason(error)
+                    reason = failure_reason(error)
                     raise TrialFailed(f"fold {k}: {reason} in {name}: {_cause_text(error)}",
                                       fold=k, reason=reason) from error
         return out
@@ -489,7 +491,7 @@ class _Trial:
                 self.best[k] = BestModel(
                     fold=k, epoch=int(evaluation["epoch"]), score=float(evaluation["score"]),
                     map_50=float(evaluation["map_50"]), f1=float(evaluation["f1"]), map=float(evaluation["map"]),
-                    model=r["model"], anchor_shapes=self.fold_info[k]["anchor_shapes"],
+                    model=r["model"],
                 )
             per_fold.append({**{m: evaluation[m] for m in METRICS if m != "loss"}, "loss": train["loss"]})
             extras.update({
