@@ -131,20 +131,22 @@ def cmd_export_best(args: argparse.Namespace) -> int:
 
 
 def _finish(tuner, experiment_dir: Path, *, config, ensemble: bool) -> int:
-    """Run the Tuner, close the Optuna study, run the ensemble job and print the leaderboard."""
+    """Run the Tuner, export optuna.db, run the ensemble job and print the leaderboard."""
     import ray
 
-    from search.tuner import close_optuna_study, format_status, sweep_status
+    from search.tuner import format_status, sweep_status, write_optuna_db
 
     try:
         results = tuner.fit()
-        closed = close_optuna_study(experiment_dir)
-        if closed:
-            logger.info("Marked %d Optuna trials left running by an interrupted driver as failed.", closed)
         rows = sweep_status(experiment_dir)
         _say("\n" + format_status(rows, num_samples=config.search.num_samples))
-        finished = [r for r in rows if r.status == "TERMINATED" and r.epochs > 0]
-        if not finished:
+        unfinished = [r for r in rows if r.status not in ("TERMINATED", "ERROR")]
+        write_optuna_db(experiment_dir, sweep_over=not unfinished)
+        if unfinished:  # Ctrl-C: Tune saved the state and returned
+            _say(f"sweep interrupted with {len(unfinished)} trials unfinished; continue it with "
+                 f"`detsweep resume {experiment_dir}`")
+            return 130
+        if not any(r.status == "TERMINATED" and r.epochs > 0 for r in rows):
             _say(f"no trial finished ({results.num_errors} errored); see {experiment_dir}/tune/*/error.txt")
             return 1
         if ensemble:

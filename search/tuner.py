@@ -1,12 +1,12 @@
 """The sweep driver: experiment folder, Ray, the Tuner (OptunaSearch + optional ASHA), resume and status.
 
 Everything that can fail on a bad config or dataset runs before Ray starts: `prepare_experiment` reads the
-dataset, makes the split once and writes `sweep.yaml` + `split.json`; only then `init_ray` and
-`run_sweep`. Experiment folder (docs/INTERFACES.md):
+dataset, makes the split once and writes `sweep.yaml` + `split.json`; only then `init_ray`, `build_tuner`
+(or `restore_tuner`) and `Tuner.fit` (search/cli.py). Experiment folder (docs/INTERFACES.md):
 
     <storage>/<name>/sweep.yaml     resolved config (absolute data.path); `resume` and the ensemble read it
     <storage>/<name>/split.json     `detection.data.splits.Split`, shared by every trial and the ensemble
-    <storage>/<name>/optuna.db      the Optuna study (SQLite), written live by OptunaSearch
+    <storage>/<name>/optuna.db      the Optuna study (SQLite), exported when the Tuner returns
     <storage>/<name>/tune/          the Ray Tune experiment (`Tuner.restore` reads it)
 """
 
@@ -27,7 +27,6 @@ from search.space import build_search_space
 
 if TYPE_CHECKING:
     from ray import tune
-    from ray.tune import ResultGrid
     from ray.tune.experiment import Trial
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,6 @@ __all__ = [
     "build_searcher",
     "build_trainable",
     "build_tuner",
-    "close_optuna_study",
     "format_status",
     "init_ray",
     "new_experiment_dir",
@@ -52,6 +50,7 @@ __all__ = [
     "restore_tuner",
     "sweep_status",
     "sweep_trial",
+    "write_optuna_db",
 ]
 
 SWEEP_YAML = "sweep.yaml"
@@ -118,9 +117,9 @@ def init_ray(config: SweepConfig, *, address: str | None = None, dashboard: bool
              dashboard_host: str = "127.0.0.1") -> None:
     """Connect to a cluster (`address="auto"` under `ray job submit`) or start an embedded local Ray.
 
-    Locally Ray gets all cores, and at least what one trial reserves (its coordinator bundle mostly waits,
-    so e.g. 2 folds x 1 CPU + 0.1 coordinator CPUs runs on a 2-core laptop); the dashboard binds
-    `dashboard_host` (loopback unless told otherwise).
+    Locally Ray gets all cores, and at least what one trial reserves (the coordinator bundle mostly waits:
+    2 folds x 1 CPU + 0.1 coordinator CPUs = 2.1 tells Ray of 3 CPUs on a 2-core laptop rather than leaving
+    the trial pending forever); the dashboard binds `dashboard_host` (loopback unless told otherwise).
 
     Raises:
         ConfigError: when a trial needs more GPUs than a local machine has (it would wait forever).
@@ -136,7 +135,9 @@ def init_ray(config: SweepConfig, *, address: str | None = None, dashboard: bool
         logger.warning("One trial reserves %.2f CPUs (resources.coordinator_cpus + data.num_folds x "
                        "resources.cpus_per_fold) on a %d-core machine: Ray is told %d CPUs.",
                        config.trial_cpus, cores, num_cpus)
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host, log_to_driver=True)
+    # address="local": always a new embedded Ray, never another process's cluster that ray.init() would find.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host,
+             log_to_driver=True)
     have_gpus = ray.cluster_resources().get("GPU", 0.0)
     if config.trial_gpus > have_gpus:
         ray.shutdown()
@@ -149,12 +150,13 @@ def init_ray(config: SweepConfig, *, address: str | None = None, dashboard: bool
 # --------------------------------------------------------------------------------------------- Tuner
 
 
-def build_searcher(config: SweepConfig, *, experiment_dir: Path, study_name: str | None = None) -> Any:
+def build_searcher(config: SweepConfig, *, study_name: str = "detsweep") -> Any:
     """OptunaSearch over the define-by-run space with a seeded multivariate TPE, in a ConcurrencyLimiter.
 
-    The study lives in `<experiment>/optuna.db` from the first suggestion on (optuna-dashboard can watch
-    it); Tune pickles the searcher with the experiment state, and the pickled RDB storage reconnects to
-    the same file on `resume`, so the Optuna history is kept.
+    The study lives in memory in the driver; Tune pickles the searcher with the experiment state
+    (`tune/searcher-state-*.pkl`) and `resume` restores it, so the Optuna history is kept, also when
+    the experiment folder has moved. `write_optuna_db` exports it to `<experiment>/optuna.db` (no SQLite
+    writes on shared filesystems during the sweep).
     """
     import optuna
     from ray.tune.search import ConcurrencyLimiter
@@ -164,13 +166,59 @@ def build_searcher(config: SweepConfig, *, experiment_dir: Path, study_name: str
     with warnings.catch_warnings():
         # multivariate/group/constant_liar are marked experimental in Optuna 4.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # group=True: TPE models the per-detector `lr_<arch>_<backbone>` params as conditional groups.
+        # group=True: TPE models the per-detector `lr_<arch>_<backbone>` params as conditional groups;
+        # constant_liar: trials still running count as bad, so parallel trials spread out.
         sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True, constant_liar=True,
                                              n_startup_trials=search.n_startup_trials)
-    storage = optuna.storages.RDBStorage(optuna_storage_url(experiment_dir))
     searcher = OptunaSearch(space=build_search_space(config=config), metric=search.metric, mode=search.mode,
-                            sampler=sampler, storage=storage, study_name=study_name or Path(experiment_dir).name)
+                            sampler=sampler, study_name=study_name)
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent_trials)
+
+
+def write_optuna_db(experiment_dir: Path, *, sweep_over: bool = True) -> Path:
+    """Export the searcher's Optuna study (from Tune's saved searcher state) to `<experiment>/optuna.db`.
+
+    Rewritten from scratch each time (after `sweep` and after each `resume`). Every trial carries the user
+    attribute `tune_trial_id`; with `sweep_over`, trials the study still holds as RUNNING (their Tune trial
+    ended without reporting back, e.g. a killed driver that was not resumed) are written as FAIL.
+
+    Raises:
+        ConfigError: when the Tune experiment has no saved searcher state.
+    """
+    import optuna
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    experiment_dir = Path(experiment_dir).resolve()
+    searcher = OptunaSearch()
+    try:
+        searcher.restore_from_dir(str(experiment_dir / TUNE_DIR))
+    except RuntimeError as error:
+        raise ConfigError(f"{experiment_dir / TUNE_DIR}: no saved searcher state (searcher-state-*.pkl) to "
+                          "export to optuna.db.") from error
+    source = searcher._ot_study  # OptunaSearch has no public handle on its study
+    tune_ids = {ot_trial.number: tune_id for tune_id, ot_trial in searcher._ot_trials.items()}
+
+    path = experiment_dir / OPTUNA_DB
+    path.unlink(missing_ok=True)
+    storage = optuna.storages.RDBStorage(optuna_storage_url(experiment_dir))
+    target = optuna.create_study(storage=storage, study_name=source.study_name, directions=source.directions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        target.set_metric_names([searcher.metric] if isinstance(searcher.metric, str) else list(searcher.metric))
+    trials = []
+    for trial in source.get_trials(deepcopy=True):
+        if trial.number in tune_ids:
+            trial.set_user_attr("tune_trial_id", tune_ids[trial.number])
+        if sweep_over and trial.state == TrialState.RUNNING:
+            trial = optuna.trial.create_trial(state=TrialState.FAIL, params=trial.params,
+                                              distributions=trial.distributions,
+                                              intermediate_values=trial.intermediate_values,
+                                              user_attrs=trial.user_attrs, system_attrs=trial.system_attrs)
+        trials.append(trial)
+    target.add_trials(trials)
+    storage.engine.dispose()
+    return path
 
 
 def build_scheduler(config: SweepConfig) -> Any:
@@ -244,7 +292,7 @@ def build_tuner(config: SweepConfig, *, experiment_dir: Path) -> tune.Tuner:
 
     _use_cli_reporter()
     tune_config = tune.TuneConfig(
-        search_alg=build_searcher(config, experiment_dir=experiment_dir),
+        search_alg=build_searcher(config, study_name=Path(experiment_dir).name),
         scheduler=build_scheduler(config),
         num_samples=config.search.num_samples,
         trial_dirname_creator=_trial_dirname,
@@ -286,24 +334,6 @@ def load_experiment(experiment_dir: Path) -> SweepConfig:
     return load_sweep_config(experiment_dir / SWEEP_YAML)
 
 
-def close_optuna_study(experiment_dir: Path) -> int:
-    """Mark Optuna trials still RUNNING as FAIL once no Tune trial runs (a sweep killed before their end left
-    them; TPE's constant liar would otherwise treat them as in flight forever). Returns how many."""
-    import optuna
-
-    path = Path(experiment_dir) / OPTUNA_DB
-    if not path.is_file():
-        return 0
-    closed = 0
-    storage = optuna.storages.RDBStorage(optuna_storage_url(experiment_dir))
-    for summary in optuna.get_all_study_summaries(storage):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            closed += 1
-    return closed
-
-
 # -------------------------------------------------------------------------------------------- status
 
 
@@ -335,6 +365,8 @@ def sweep_status(experiment_dir: Path) -> list[TrialStatus]:
     tune_dir = Path(experiment_dir).resolve() / TUNE_DIR
     if not tune_dir.is_dir():
         raise ConfigError(f"{experiment_dir}: no Tune experiment ({TUNE_DIR}/) yet; start one with `detsweep sweep`.")
+    # Trials that have not reported yet have no result.json: not worth a warning here.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     for attempt in range(3):
         try:  # the state file may be half-written while the sweep runs: read again
             analysis = ExperimentAnalysis(str(tune_dir))

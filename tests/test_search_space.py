@@ -10,7 +10,8 @@ import pytest
 
 from search.config import DetectorChoice, FloatRange, SweepConfig
 from search.space import PARAM_KEYS, DetectorSpace, build_search_space, lr_param_name
-from search.tuner import OPTUNA_DB, build_searcher, close_optuna_study, optuna_storage_url
+from detection.config import ConfigError
+from search.tuner import OPTUNA_DB, TUNE_DIR, build_searcher, optuna_storage_url, write_optuna_db
 
 SPACE = DetectorSpace(
     detectors=(DetectorChoice("faster_rcnn", "mobilenet_v2"),
@@ -94,43 +95,46 @@ def test_empty_space_is_refused():
         DetectorSpace(detectors=(), lr=FloatRange(0.01, 0.1), batch_sizes=(4,), score_threshold=FloatRange(0.3, 0.5))
 
 
-def test_searcher_writes_the_study_to_sqlite_and_survives_a_pickle(tmp_path):
-    """What resume relies on: Tune pickles the searcher; the restored one continues the same study."""
+def test_searcher_state_survives_a_pickle_and_exports_to_optuna_db(tmp_path):
+    """What resume relies on: Tune pickles the searcher into the experiment; a restored one continues the
+    same study, and `write_optuna_db` exports it with each trial's Tune id."""
     from ray.tune.search.optuna import OptunaSearch
 
     config = SweepConfig().validate(check_data=False)
     assert build_search_space(config=config).detectors == (DetectorChoice("faster_rcnn", "mobilenet_v2"),)
-    limiter = build_searcher(config, experiment_dir=tmp_path, study_name="s")
+    limiter = build_searcher(config, study_name="s")
     first = limiter.suggest("t1")
     assert set(first) == set(PARAM_KEYS)
     limiter.on_trial_result("t1", {"score_mean": 0.25, "training_iteration": 1})
     assert limiter.suggest("t2") is None  # max_concurrent_trials = 1 (the default)
     limiter.on_trial_complete("t1", {"score_mean": 0.5, "training_iteration": 2})
-    second = limiter.suggest("t2")
-    assert set(second) == set(PARAM_KEYS)
+    assert set(limiter.suggest("t2")) == set(PARAM_KEYS)
+    (tmp_path / TUNE_DIR).mkdir()
+    limiter.searcher.save_to_dir(str(tmp_path / TUNE_DIR), session_str="a")  # what Tune does each snapshot
 
-    limiter.searcher.save(str(tmp_path / "searcher.pkl"))
     restored = OptunaSearch()
-    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.restore_from_dir(str(tmp_path / TUNE_DIR))
     restored.on_trial_complete("t2", {"score_mean": 0.75, "training_iteration": 2})
-    third = restored.suggest("t3")
-    assert set(third) == set(PARAM_KEYS)
+    assert set(restored.suggest("t3")) == set(PARAM_KEYS)
+    restored.save_to_dir(str(tmp_path / TUNE_DIR), session_str="b")  # the newer session wins
 
+    C, F = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+    path = write_optuna_db(tmp_path)
+    assert path == tmp_path / OPTUNA_DB and path.is_file()
     study = optuna.load_study(study_name="s", storage=optuna_storage_url(tmp_path))
-    assert (tmp_path / OPTUNA_DB).is_file()
-    states = [t.state for t in study.trials]
-    C, R = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
-    assert states == [C, C, R]
+    # t3 never reported back (say, a killed driver that was not resumed): written as failed.
+    assert [t.state for t in study.trials] == [C, C, F]
     assert [t.value for t in study.trials[:2]] == [0.5, 0.75]
+    assert [t.user_attrs["tune_trial_id"] for t in study.trials] == ["t1", "t2", "t3"]
     assert study.trials[0].intermediate_values == {1: 0.25}
-    assert study.trials[0].params["lr"] == first["lr"]
+    assert study.trials[0].params["lr"] == first["lr"] and study.metric_names == ["score_mean"]
 
-    # A driver killed mid-trial leaves t3 RUNNING in the study; closing marks it failed.
-    assert close_optuna_study(tmp_path) == 1
+    # While the sweep runs (sweep_over=False) a trial in flight stays RUNNING; exporting again rewrites the file.
+    write_optuna_db(tmp_path, sweep_over=False)
     study = optuna.load_study(study_name="s", storage=optuna_storage_url(tmp_path))
-    assert [t.state for t in study.trials][-1] == optuna.trial.TrialState.FAIL
-    assert close_optuna_study(tmp_path) == 0
+    assert [t.state for t in study.trials] == [C, C, optuna.trial.TrialState.RUNNING]
 
 
-def test_close_without_a_study_is_a_no_op(tmp_path):
-    assert close_optuna_study(tmp_path) == 0
+def test_export_without_searcher_state_names_the_folder(tmp_path):
+    with pytest.raises(ConfigError, match="searcher-state"):
+        write_optuna_db(tmp_path)
