@@ -8,8 +8,9 @@ For every trial that Tune finished (status TERMINATED, with a checkpoint) the jo
 3. predicts the held-out images of `split.json` at full resolution (the models resize internally and
    answer in each image's own pixels, `xyxy absolute`),
 4. fuses the models' boxes with Weighted Boxes Fusion (`detection.fusion.fuse_predictions`):
-   `skip_box_thr` = the trial's score threshold, model weights = the models' fold validation scores,
-   `iou_thr` and `conf_type` from the sweep's `ensemble` section,
+   `skip_box_thr` = the trial's score threshold, model weights = the models' fold validation scores
+   (at least `MIN_MODEL_WEIGHT`: WBF needs positive weights), `iou_thr` and `conf_type` from the sweep's
+   `ensemble` section,
 5. scores the fused boxes with `detection.metrics.detection_metrics` (map, map_50, map_75, f1, score, ...).
 
 Trials run as parallel Ray tasks, each with the sweep's `ensemble.cpus`/`ensemble.gpus`. The job writes,
@@ -375,9 +376,7 @@ def _read_trials(tune_dir: Path) -> list[_TrialInfo]:
         scored = [r for r in rows if _finite(r.get("score_mean")) is not None]
         best = max(scored, key=lambda r: float(r["score_mean"])) if scored else None
         checkpoint = trial.checkpoint
-        error = None
-        if trial.status == "ERROR":
-            error = _error_line(trial.error_file) or "errored"
+        error = _trial_error(trial) if trial.status == "ERROR" else None
         trials.append(_TrialInfo(
             trial_id=trial.trial_id, status=trial.status,
             params={k: v for k, v in (trial.config or {}).items()},
@@ -391,11 +390,18 @@ def _read_trials(tune_dir: Path) -> list[_TrialInfo]:
     return sorted(trials, key=lambda t: t.trial_id)
 
 
-def _error_line(path: str | None) -> str | None:
-    if not path or not Path(path).is_file():
-        return None
-    lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else None
+def _trial_error(trial: Any) -> str:
+    """`<type>: <message>` of the exception that ended an errored trial (e.g. `TrialFailed: fold 1: non-finite
+    loss in train: ...`), from Tune's pickled error, else the last line of its error.txt."""
+    try:
+        error = trial.get_pickled_error()
+    except Exception:  # noqa: BLE001 - an error that cannot be unpickled here: fall back to the text
+        error = None
+    if error is not None:
+        return _one_line(error)
+    text = trial.get_error() or ""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "errored (no error file)"
 
 
 def _trial_spec(info: _TrialInfo, *, iou_thr: float, conf_type: str) -> EnsembleSpec:
@@ -525,7 +531,7 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
             try:
                 results[trial_id] = ray.get(ref)
             except ray.exceptions.RayError as error:  # one bad trial does not sink the job
-                failures[trial_id] = _first_line(error)
+                failures[trial_id] = _one_line(error)
                 logger.warning("trial %s: the ensemble task failed: %s", trial_id, failures[trial_id])
     finally:
         if started_ray:
@@ -567,10 +573,11 @@ def _init_local_ray(*, cpus: float, gpus: float, tasks: int) -> None:
     logger.info("ensemble job: %d trials as Ray tasks of %g CPU / %g GPU on a local Ray", tasks, cpus, gpus)
 
 
-def _first_line(error: BaseException) -> str:
+def _one_line(error: BaseException) -> str:
+    """`<type>: <message on one line>` of the error a Ray task or trial raised (RayTaskError wraps it as `.cause`)."""
     cause = getattr(error, "cause", None) or error
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[-1].strip() if lines else ''}"[:300]
+    message = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+    return f"{type(cause).__name__}: {message}"[:300]
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
