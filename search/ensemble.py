@@ -379,7 +379,7 @@ def _read_trials(tune_dir: Path) -> list[_TrialInfo]:
         error = _trial_error(trial) if trial.status == "ERROR" else None
         trials.append(_TrialInfo(
             trial_id=trial.trial_id, status=trial.status,
-            params={k: v for k, v in (trial.config or {}).items()},
+            params=dict(trial.config or {}),
             checkpoint=str(checkpoint.path) if checkpoint is not None else None,
             cv_score_mean=_finite(best["score_mean"]) if best else None,
             cv_score_std=_finite(best.get("score_std")) if best else None,
@@ -492,7 +492,8 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
     experiment_dir = Path(experiment_dir).resolve()
     config = load_experiment(experiment_dir)
     split_path = experiment_dir / SPLIT_JSON
-    if not Split.from_json(split_path).holdout:
+    split = Split.from_json(split_path)
+    if not split.holdout:
         raise EnsembleError(f"{split_path}: the split holds no held-out images; expected a Roboflow test/ folder "
                             "or `data.holdout_fraction` > 0.")
     trials = _read_trials(experiment_dir / TUNE_DIR)
@@ -539,11 +540,10 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
 
     out_dir = experiment_dir / ENSEMBLE_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    split_hash = Split.from_json(split_path).hash
     for info in trials:
         if info.trial_id in results:
             result = results[info.trial_id]
-            payload = {"trial_id": info.trial_id, "params": info.params, "split_hash": split_hash,
+            payload = {"trial_id": info.trial_id, "params": info.params, "split_hash": split.hash,
                        "metrics": result["metrics"], "ensemble": specs[info.trial_id].to_json(),
                        "image_ids": result["image_ids"], "predictions": result["predictions"]}
             _write_json(out_dir / f"{info.trial_id}.json", payload)
@@ -552,8 +552,9 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
     csv_path = _write_leaderboard(rows, experiment_dir)
     best = next((r for r in rows if r.status == "ensembled"), None)
     if best is not None:
-        _write_best_ensemble(experiment_dir, specs[best.trial_id], info=next(t for t in trials if t.trial_id == best.trial_id),
-                             metrics=results[best.trial_id]["metrics"], split_hash=split_hash)
+        info = next(t for t in trials if t.trial_id == best.trial_id)
+        _write_best_ensemble(experiment_dir, specs[info.trial_id], info=info, metrics=results[info.trial_id]["metrics"],
+                             split_hash=split.hash)
     else:
         logger.warning("%s: no trial could be ensembled; %s not written.", experiment_dir, BEST_ENSEMBLE_JSON)
     return csv_path

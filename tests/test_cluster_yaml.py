@@ -57,8 +57,9 @@ def test_gpu_workers_scale_from_zero_spot_first_with_on_demand_fallback(config: 
         assert node_type["min_workers"] == 0, name
         assert node_type["max_workers"] >= 1, name
         assert node_type["resources"].get("GPU", 0) >= 1, name
-    spot = [n for n, t in workers.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
-    on_demand = [n for n, t in workers.items() if "InstanceMarketOptions" not in t["node_config"]]
+    market = {n: t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") for n, t in workers.items()}
+    spot = [n for n, m in market.items() if m == "spot"]
+    on_demand = [n for n, m in market.items() if m is None]
     assert len(spot) == 1 and len(on_demand) == 1, (spot, on_demand)
 
     # The v2 autoscaler (enabled on the head) reads `priority` per node type: spot must rank first.
