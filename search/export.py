@@ -21,7 +21,7 @@ import yaml
 
 from detection.config import ConfigError, ExperimentConfig
 
-__all__ = ["BestTrial", "best_trial", "export_best_config"]
+__all__ = ["BestTrial", "best_config", "best_trial", "export_best_config"]
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,14 @@ def best_trial(experiment_dir: str | Path) -> BestTrial:
     Raises:
         ConfigError: when no trial has reported a result yet.
     """
+    from search.ensemble import BEST_ENSEMBLE_JSON
     from search.report import load_trial_runs
     from search.tuner import TUNE_DIR, load_experiment
 
     experiment_dir = Path(experiment_dir).resolve()
     config = load_experiment(experiment_dir)
     runs = {run.trial_id: run for run in load_trial_runs(experiment_dir / TUNE_DIR)}
-    best_file = experiment_dir / "best_ensemble.json"
+    best_file = experiment_dir / BEST_ENSEMBLE_JSON
     if best_file.is_file():
         best = json.loads(best_file.read_text())
         trial_id = str(best["trial_id"])
@@ -54,7 +55,7 @@ def best_trial(experiment_dir: str | Path) -> BestTrial:
             raise ConfigError(f"{best_file}: names trial {trial_id!r}, but {experiment_dir / TUNE_DIR} has trials "
                               f"{sorted(runs)}.")
         return BestTrial(trial_id=trial_id, params=_params(runs[trial_id].config), source="ensemble",
-                         score=best.get("metrics", {}).get("score"))
+                         score=best.get("holdout_metrics", {}).get("score"))
     metric, sign = config.search.metric, (1.0 if config.search.mode == "max" else -1.0)
     scored = [(sign * float(run.last[metric]), run.trial_id) for run in runs.values()
               if run.results and isinstance(run.last.get(metric), (int, float)) and math.isfinite(run.last[metric])]

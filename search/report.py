@@ -3,8 +3,9 @@
 The page (`<experiment>/report.html`, every figure a base64 PNG data URI, no script, no external
 file) has, in order:
 
-1. the leaderboard: each trial's detector, lr, batch size, score threshold, its cross-validation
-   score (fold mean +- std at its last epoch) and its ensemble's held-out map, map_50, f1 and score;
+1. the leaderboard (`leaderboard.csv` of the ensemble job): each trial's detector, lr, batch size,
+   score threshold, its cross-validation score (the best fold-mean score over its epochs, +- the fold
+   std at that epoch) and its ensemble's held-out map, map_50, f1 and score;
 2. Optuna's optimization history and parameter importances, from the study in `<experiment>/optuna.db`
    (`optuna.visualization.matplotlib`, `optuna.importance.get_param_importances`); with too few
    completed trials the page says so instead;
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["REPORT_FILE", "TrialRun", "load_trial_runs", "write_report"]
+__all__ = ["REPORT_FILE", "TrialRun", "build_report", "load_trial_runs", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -262,14 +263,17 @@ def _section_optuna(experiment_dir: Path) -> str:
         axes = optuna_mpl.plot_optimization_history(study, target_name="score_mean")
         parts.append(_img(_data_uri(_close(axes)), "Optuna optimization history", css="half"))
         try:
-            importances = optuna.importance.get_param_importances(study)
+            # Seeded fANOVA: the same study gives the same importances in the table and the plot.
+            importances = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
         except (ValueError, RuntimeError) as error:
             # Optuna's own reasons: "only a single trial", "zero total variance" (all scores equal), ...
             parts.append(_note(f"Parameter importances are not available with {len(complete)} completed trial(s): "
                                f"{error} They need at least 2 completed trials with different scores."))
         else:
             if importances:
-                axes = optuna_mpl.plot_param_importances(study)
+                axes = optuna_mpl.plot_param_importances(
+                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
                 parts.append(_img(_data_uri(_close(axes)), "Optuna parameter importances", css="half"))
                 parts.append("<table><tr><th>parameter</th><th>importance (fANOVA)</th></tr>" + "".join(
                     f"<tr><td>{html.escape(name)}</td><td>{value:.3f}</td></tr>" for name, value in importances.items())
@@ -309,7 +313,7 @@ def _section_curves(runs: Sequence[TrialRun], order: Sequence[str], *, max_trial
     for ax, run in zip(axes, shown):
         epochs, mean, std = run.epochs, run.series("score_mean"), run.series("score_std")
         for k in range(run.num_folds):
-            ax.plot(epochs, run.series(f"fold{k}/score"), lw=0.8, ls=":", color=f"C{k + 1}", label=f"fold {k}")
+            ax.plot(epochs, run.series(f"fold{k}/score"), lw=1.0, ls="--", color=f"C{k + 1}", label=f"fold {k}")
         ax.fill_between(epochs, mean - np.nan_to_num(std), mean + np.nan_to_num(std), color="C0", alpha=0.25,
                         label="mean ± std")
         ax.plot(epochs, mean, "o-", color="C0", lw=1.8, ms=3, label="fold mean")
@@ -458,10 +462,10 @@ def _section_reproducibility(experiment_dir: Path, best_run: TrialRun | None) ->
         parts.append(_note("The best trial has no manifest.json in its checkpoint."))
         return "".join(parts)
     rows = [
-        ("dataset", f"{manifest['dataset']['path']}<br><code>sha256 {manifest['dataset']['sha256']}</code>"),
-        ("split", f"{manifest['split']['path']}<br><code>sha256 {manifest['split']['sha256']}</code>"),
+        *((name, f"{html.escape(manifest[name]['path'])}<br><code>sha256 {manifest[name]['sha256']}</code>")
+          for name in ("dataset", "split")),
         ("seeds", f"<code>{html.escape(json.dumps(manifest.get('seeds', {})))}</code>"),
-        ("git commit", f"<code>{manifest.get('git', {}).get('commit')}</code>"
+        ("git commit", f"<code>{html.escape(str(manifest.get('git', {}).get('commit')))}</code>"
                        + (" (uncommitted changes)" if manifest.get("git", {}).get("dirty") else "")),
         ("packages", ", ".join(f"{html.escape(k)} {html.escape(str(v))}"
                                for k, v in manifest.get("packages", {}).items())),

@@ -40,7 +40,9 @@ def test_export_best_then_train_on_all_data(finished_sweep: Path, tmp_path: Path
     trial_json = json.loads(next((finished_sweep / "tune").glob(f"trial_{best['trial_id']}/checkpoint_*/trial.json"))
                             .read_text())
     assert trial_json["config"] == json.loads(json.dumps(config.to_dict()))
-    assert out.read_text().startswith(f"# detsweep export-best {finished_sweep}\n# trial {best['trial_id']} ")
+    assert out.read_text().startswith(f"# detsweep export-best {finished_sweep}\n# trial {best['trial_id']} "
+                                      f"(best ensemble on the held-out split, score "
+                                      f"{best['holdout_metrics']['score']:.4f}); sampled params: ")
 
     run_dir = tmp_path / "run"
     assert cli_main(["train", "--config", str(out), "--all-data", "--epochs", "1", "--out", str(run_dir),

@@ -213,6 +213,14 @@ def test_report_opens_in_chromium_without_errors(report_page: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_sweep_writes_its_report_when_it_ends(finished_sweep: Path) -> None:
+    page = finished_sweep / REPORT_FILE
+    assert page.is_file(), "search/cli.py's _finish must call search.report.write_report(experiment_dir)"
+    assert '<section id="images">' in page.read_text()
+    assert f"report: {page}" in (finished_sweep.parent / "sweep.log").read_text()
+
+
+@pytest.mark.slow
 def test_report_is_self_contained_and_has_every_section(report_page: Path, finished_sweep: Path) -> None:
     page = report_page.read_text()
     assert "<script" not in page
