@@ -27,8 +27,8 @@ from trainables.trial import (
     write_trial_checkpoint,
 )
 
-# Fold 0 validates on tiles 0-2 and trains on 3-5; fold 1 the other way round (the rest is unused).
-TINY_SPLIT = Split(holdout=(6,), folds=((0, 1, 2), (3, 4, 5)), seed=0)
+# Fold 0 validates on tiles 0-1 and trains on 2-3; fold 1 the other way round (the rest is unused).
+TINY_SPLIT = Split(holdout=(4,), folds=((0, 1), (2, 3)), seed=0)
 
 
 def tiny_config(data_path: Path, **train: object) -> ExperimentConfig:
@@ -36,7 +36,7 @@ def tiny_config(data_path: Path, **train: object) -> ExperimentConfig:
     return ExperimentConfig(
         data=DataConfig(path=str(data_path), num_folds=2, class_balanced_sampling=False),
         model=ModelConfig(arch="faster_rcnn", backbone="mobilenet_v2", pretrained=False),
-        train=TrainConfig(**{"epochs": 2, "image_size": 128, "batch_size": 2, "eval_batch_size": 3,
+        train=TrainConfig(**{"epochs": 2, "image_size": 128, "batch_size": 2, "eval_batch_size": 2,
                              "augment": False, "amp": False, "warmup_epochs": 0.0, **train}),
     ).validate()
 
@@ -224,7 +224,7 @@ def test_fold_worker_trains_saves_and_resumes(deepforest_root: Path) -> None:
     assert pick_device() == torch.device("cpu")  # no CUDA here; outside Ray nothing else decides
     worker = FoldWorker(config, TINY_SPLIT, 1, num_threads=1)
     info = worker.info()
-    assert (info["num_train"], info["num_val"], info["num_classes"]) == (3, 3, 3)
+    assert (info["num_train"], info["num_val"], info["num_classes"]) == (2, 2, 3)
     assert info["class_names"] == ["Tree", "Dead", "Alive"] and info["node_id"] is None  # not in Ray
 
     train = worker.train_epoch()
@@ -253,7 +253,7 @@ def test_fold_worker_trains_saves_and_resumes(deepforest_root: Path) -> None:
 def test_fold_worker_reads_the_split_file_and_checks_it(deepforest_root: Path, tmp_path: Path) -> None:
     path = TINY_SPLIT.to_json(tmp_path / "split.json")
     worker = FoldWorker(tiny_config(deepforest_root), str(path), 0, num_threads=1)
-    assert worker.info()["split_hash"] == TINY_SPLIT.hash and worker.info()["num_val"] == 3
+    assert worker.info()["split_hash"] == TINY_SPLIT.hash and worker.info()["num_val"] == 2
 
     from detection.data.coco import DatasetError
 

@@ -543,7 +543,7 @@ class _Trial:
         }
 
     def report(self, metrics: dict[str, Any]) -> None:
-        ranked = rank_best(self.best, self.setup.keep_best) if self.best else []
+        ranked = rank_best(self.best, self.setup.keep_best)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"{self.trial_id}-checkpoint-") as directory:
             write_trial_checkpoint(directory, fold_states=self.states, best=ranked, trial=self.trial_json(),
