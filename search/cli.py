@@ -63,7 +63,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from search.tuner import format_status, load_experiment, sweep_status
 
     experiment_dir = Path(args.path).resolve()
-    config = load_experiment(experiment_dir)
+    config = load_experiment(experiment_dir, validate=False)
     rows = sweep_status(experiment_dir)
     _say(f"{experiment_dir} (metric {config.search.metric}, {config.train.epochs} epochs, "
          f"{config.data.num_folds} folds)\n" + format_status(rows, num_samples=config.search.num_samples))

@@ -196,21 +196,23 @@ class SweepConfig:
 
 
 def sweep_config_from_dict(data: dict[str, Any], *, where: str = "<config>", config_file: Path | None = None,
-                           check_data: bool = True) -> SweepConfig:
+                           check_data: bool = True, validate: bool = True) -> SweepConfig:
     """Build and validate a SweepConfig from plain data; relative `data.path` is resolved (see
-    `detection.config.resolve_data_path`)."""
+    `detection.config.resolve_data_path`). Keys and types are always checked; `validate=False` skips the
+    value checks (for reading back a config that was validated when it was written)."""
     try:
         cfg = from_dict(SweepConfig, data, where=where)
     except TypeError as error:  # a required key (e.g. `high` of a range) is missing
         raise ConfigError(f"{where}: {error}; see search/config.py for the required keys.") from error
     cfg = dataclasses.replace(cfg, data=resolve_data_path(cfg.data, config_file))
-    return cfg.validate(where, check_data=check_data)
+    return cfg.validate(where, check_data=check_data) if validate else cfg
 
 
-def load_sweep_config(path: str | Path, *, check_data: bool = True) -> SweepConfig:
+def load_sweep_config(path: str | Path, *, check_data: bool = True, validate: bool = True) -> SweepConfig:
     """Read a sweep YAML (e.g. `configs/demo.yaml` or an experiment's `sweep.yaml`) and validate it."""
     path = Path(path)
-    return sweep_config_from_dict(read_yaml(path), where=str(path), config_file=path, check_data=check_data)
+    return sweep_config_from_dict(read_yaml(path), where=str(path), config_file=path, check_data=check_data,
+                                  validate=validate)
 
 
 # --------------------------------------------------------------------------------------------- checks

@@ -275,6 +275,9 @@ def build_run_config(config: SweepConfig, *, experiment_dir: Path) -> tune.RunCo
         storage_path=str(Path(experiment_dir).resolve()),
         name=TUNE_DIR,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest resume state; best models live inside
+        # The experiment state (read by `detsweep status`) reaches storage at least this often, besides on
+        # every checkpoint; it is a few small files.
+        sync_config=tune.SyncConfig(sync_period=30),
         failure_config=tune.FailureConfig(max_failures=config.failure.max_failures),
         progress_reporter=reporter,
         verbose=2,
@@ -320,8 +323,9 @@ def restore_tuner(experiment_dir: Path, *, retry_errored: bool = False) -> tune.
                               resume_unfinished=True, resume_errored=retry_errored, restart_errored=False)
 
 
-def load_experiment(experiment_dir: Path) -> SweepConfig:
-    """The SweepConfig saved in an experiment folder.
+def load_experiment(experiment_dir: Path, *, validate: bool = True) -> SweepConfig:
+    """The SweepConfig saved in an experiment folder (`validate=False`: read only, e.g. for `status`, without
+    importing the model registry or checking the dataset).
 
     Raises:
         ConfigError: when the folder is not a detsweep experiment.
@@ -331,7 +335,7 @@ def load_experiment(experiment_dir: Path) -> SweepConfig:
         if not (experiment_dir / name).is_file():
             raise ConfigError(f"{experiment_dir}: expected a detsweep experiment folder holding {SWEEP_YAML}, "
                               f"{SPLIT_JSON} and {TUNE_DIR}/, but {name} is missing.")
-    return load_sweep_config(experiment_dir / SWEEP_YAML)
+    return load_sweep_config(experiment_dir / SWEEP_YAML, validate=validate)
 
 
 # -------------------------------------------------------------------------------------------- status

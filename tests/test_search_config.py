@@ -160,3 +160,31 @@ def test_resume_and_status_name_a_folder_that_is_no_experiment(tmp_path, capsys)
 def test_defaults_validate_without_data_check():
     cfg = SweepConfig().validate(check_data=False)
     assert cfg.search.space.batch_size == (4, 8) and cfg.search.metric == "score_mean"
+
+
+def test_experiment_folder_rules(tmp_path, coco_json):
+    from search.tuner import TUNE_DIR, new_experiment_dir
+
+    cfg = sweep_config_from_dict(demo_dict(coco_json))
+    named = new_experiment_dir(cfg, storage=str(tmp_path), name="exp")
+    assert named == tmp_path.resolve() / "exp"
+    stamped = new_experiment_dir(cfg, storage=str(tmp_path))
+    assert stamped.parent == tmp_path.resolve() and stamped.name.startswith("demo-")  # demo-YYYYmmdd-HHMMSS
+    (named / TUNE_DIR).mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"already holds a sweep; continue it with `detsweep resume"):
+        new_experiment_dir(cfg, storage=str(tmp_path), name="exp")
+    with pytest.raises(ConfigError, match="`storage` 's3://bucket/x'"):
+        new_experiment_dir(cfg, storage="s3://bucket/x", name="exp")
+
+
+def test_status_of_a_sweep_that_has_not_started(tmp_path, coco_json, capsys):
+    """The empty case: sweep.yaml and split.json written, the driver gone before Tune saved anything."""
+    from search.tuner import SPLIT_JSON, SWEEP_YAML
+
+    sweep_config_from_dict(demo_dict(coco_json)).to_yaml(tmp_path / SWEEP_YAML)
+    (tmp_path / SPLIT_JSON).write_text("{}")
+    with pytest.raises(SystemExit) as info:
+        main(["status", str(tmp_path)])
+    assert info.value.code == 2
+    assert "no Tune experiment (tune/) yet" in capsys.readouterr().err
+    assert not ray.is_initialized()
