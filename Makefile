@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DATA   := data/deepforest
 CONFIG ?= configs/demo.yaml
 
-.PHONY: sweep test install data bench clean
+.PHONY: sweep test install data bench clean chromium
 
 install: $(STAMP)
 
@@ -30,7 +30,12 @@ $(DATA)/train/_annotations.coco.json: $(STAMP)
 sweep: $(STAMP) data
 	$(BIN)/detsweep sweep --config $(CONFIG)
 
-test: $(STAMP)
+# The report test opens the HTML page in headless Chromium (Debian's package).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| { echo "make test needs Chromium: apt-get install chromium (as root)"; exit 1; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
 bench: $(STAMP) data
