@@ -131,7 +131,7 @@ def cmd_export_best(args: argparse.Namespace) -> int:
 
 
 def _finish(tuner, experiment_dir: Path, *, config, ensemble: bool) -> int:
-    """Run the Tuner, export optuna.db, run the ensemble job and print the leaderboard."""
+    """Run the Tuner, export optuna.db, run the ensemble job, print the leaderboard, write the report."""
     import ray
 
     from search.tuner import format_status, sweep_status, write_optuna_db
@@ -155,10 +155,21 @@ def _finish(tuner, experiment_dir: Path, *, config, ensemble: bool) -> int:
             leaderboard = Path(run_ensemble(experiment_dir))
             md = leaderboard.with_suffix(".md")
             _say("\n" + (md if md.is_file() else leaderboard).read_text())
+            _write_report(experiment_dir)
     finally:
         ray.shutdown()
     _say(f"experiment: {experiment_dir}")
     return 0
+
+
+def _write_report(experiment_dir: Path) -> None:
+    """The HTML report (search/report.py); a failure here must not fail a finished sweep."""
+    from search.report import write_report
+
+    try:
+        _say(f"report: {write_report(experiment_dir)}")
+    except Exception:  # noqa: BLE001 - the sweep's results are all on disk; the report can be redone
+        logger.exception("The report failed; write it again with `detsweep report %s`.", experiment_dir)
 
 
 def _say(text: str) -> None:
@@ -174,7 +185,7 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dashboard-host", default="127.0.0.1",
                         help="interface the local Ray dashboard binds (default 127.0.0.1: this machine only)")
     parser.add_argument("--no-dashboard", action="store_true", help="start the local Ray without its dashboard")
-    parser.add_argument("--no-ensemble", action="store_true", help="skip the final ensemble job")
+    parser.add_argument("--no-ensemble", action="store_true", help="skip the final ensemble job and report")
 
 
 def build_parser() -> argparse.ArgumentParser:

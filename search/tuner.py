@@ -115,7 +115,8 @@ def optuna_storage_url(experiment_dir: Path) -> str:
 
 def init_ray(config: SweepConfig, *, address: str | None = None, dashboard: bool = True,
              dashboard_host: str = "127.0.0.1") -> None:
-    """Connect to a cluster (`address="auto"` under `ray job submit`) or start an embedded local Ray.
+    """Connect to a cluster (`address="auto"`, or the RAY_ADDRESS that `ray job submit` sets) or start an
+    embedded local Ray.
 
     Locally Ray gets all cores, and at least what one trial reserves (the coordinator bundle mostly waits:
     2 folds x 1 CPU + 0.1 coordinator CPUs = 2.1 tells Ray of 3 CPUs on a 2-core laptop rather than leaving
@@ -126,8 +127,11 @@ def init_ray(config: SweepConfig, *, address: str | None = None, dashboard: bool
     """
     import ray
 
+    # `ray job submit` sets RAY_ADDRESS for its entrypoint: the sweep then runs on that cluster.
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, log_to_driver=True)
+        logger.info("Connected to the Ray cluster at %s (dashboard: %s).", address, context.dashboard_url or "none")
         return
     cores = os.cpu_count() or 1
     num_cpus = max(cores, math.ceil(config.trial_cpus))
@@ -136,8 +140,10 @@ def init_ray(config: SweepConfig, *, address: str | None = None, dashboard: bool
                        "resources.cpus_per_fold) on a %d-core machine: Ray is told %d CPUs.",
                        config.trial_cpus, cores, num_cpus)
     # address="local": always a new embedded Ray, never another process's cluster that ray.init() would find.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host,
-             log_to_driver=True)
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                       dashboard_host=dashboard_host, log_to_driver=True)
+    if context.dashboard_url:
+        logger.info("Ray dashboard: http://%s", context.dashboard_url)
     have_gpus = ray.cluster_resources().get("GPU", 0.0)
     if config.trial_gpus > have_gpus:
         ray.shutdown()
