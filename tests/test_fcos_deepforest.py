@@ -57,7 +57,7 @@ def test_fcos_tal_learns_deepforest_tiles(deepforest_index):
         losses.append(stats["loss"])
         maps.append(metrics["map_50"])
     assert all(math.isfinite(loss) for loss in losses)
-    # Seen here: loss 1.75 -> 0.98, map_50 0.0 -> 0.48 (epoch by epoch: 0.0, 0.06, 0.17, ... 0.47, 0.48).
+    # Seen here: loss 1.78 -> 0.95, map_50 0.0 -> 0.59 (epoch by epoch: 0.0, 0.08, 0.18, 0.18, 0.40, ... 0.59).
     assert losses[-1] < 0.7 * losses[0], losses
     assert maps[-1] > maps[0] + 0.3, maps
     assert maps[-1] >= 0.35, maps
