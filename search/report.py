@@ -251,7 +251,7 @@ def _section_optuna(experiment_dir: Path) -> str:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
     parts = [f"<p>Study <code>{html.escape(study.study_name)}</code> ({study.direction.name.lower()}): "
-             + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ". Open it live with "
+             + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ". Open it with "
              f"<code>optuna-dashboard sqlite:///{html.escape(str(experiment_dir / 'optuna.db'))}</code>.</p>"]
     if not complete:
         parts.append(_note("No completed Optuna trial yet: no optimization history."))
