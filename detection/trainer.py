@@ -224,10 +224,14 @@ class FoldTrainer:
         self.best_score = float(state["best_score"])
         self.best_epoch = int(state["best_epoch"])
         self.should_stop = bool(state["should_stop"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        name, keys, *rest = rng["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-        random.setstate(rng["python"])
+        restore_rng(state["rng"])
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Set the process-global torch/CUDA/numpy/python RNGs to a `FoldTrainer.state_dict()["rng"]`."""
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(rng["python"])
