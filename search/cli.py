@@ -3,6 +3,12 @@
     detsweep sweep  [--config X.yaml] [--address auto] [--storage PATH] [--name NAME] [--smoke-test]
     detsweep resume PATH [--retry-errored]
     detsweep status PATH
+    detsweep ensemble PATH
+    detsweep report PATH
+    detsweep predict --ensemble PATH/best_ensemble.json INPUT... --out preds.json [--draw DIR]
+    detsweep export-best PATH --out best.yaml
+    detsweep train --config X.yaml [--fold K] [--all-data]
+    detsweep data deepforest --out DIR
     detsweep ensemble PATH [--trial ID ...] [--address auto]
 
 Each command is a small `cmd_<name>(args) -> int`; Ray and Optuna are imported inside the commands that
@@ -93,7 +99,30 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
-# Leave room here: `cmd_train` and `cmd_data` (the lead).
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one fold (or all labelled data) in-process, without Ray; a sweep YAML's base config works too."""
+    from detection.config import read_yaml
+    from detection.train import run_config
+
+    if "search" in read_yaml(args.config):  # a sweep YAML: train its base config
+        from search.config import load_sweep_config
+
+        config = load_sweep_config(args.config).base
+    else:
+        from detection.config import load_experiment_config
+
+        config = load_experiment_config(args.config)
+    return run_config(config, args)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Write a bundled real dataset as a Roboflow-style COCO export."""
+    from detection.data.coco import load_dataset
+    from detection.data.deepforest import write_deepforest_coco
+
+    root = write_deepforest_coco(args.out, tile_size=args.tile_size, seed=args.seed)
+    _say(f"wrote {root}\n{load_dataset(root).summary()}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -219,7 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster address ('auto' under `ray job submit`); default: an embedded local Ray")
     p.set_defaults(func=cmd_ensemble)
 
-    # `train` and `data` subcommands are added here.
+    from detection.train import add_train_arguments
+
+    p = sub.add_parser("train", help="train one fold in-process without Ray (debugging, GPU benchmarks)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="write a bundled real dataset as COCO (train/ valid/ test/)")
+    p.add_argument("dataset", choices=["deepforest"], help="deepforest: NEON aerial tree crowns (DATA.md)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p.add_argument("--tile-size", type=int, default=400, help="tile side in pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/valid/test assignment")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("report", help="write the experiment's self-contained HTML report")
     p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
