@@ -32,7 +32,7 @@ sweep: $(STAMP) data
 
 # The report test opens the HTML page in headless Chromium (Debian's package).
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| { echo "make test needs Chromium: apt-get install chromium (as root)"; exit 1; }
 
 test: $(STAMP) chromium
