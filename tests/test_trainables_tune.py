@@ -100,15 +100,27 @@ def test_failure_reason_sees_through_rays_wrapping(local_ray: None, error: BaseE
     assert failure_reason(info.value) == reason
 
 
-def test_fold_worker_that_cannot_start_is_an_init_failure(local_ray: None, deepforest_root: Path,
-                                                          tmp_path: Path) -> None:
-    # What the coordinator relies on to fail the trial instead of recreating the worker again and again.
+def test_fold_worker_under_ray_takes_its_share_and_a_bad_one_fails_at_init(
+    local_ray: None, deepforest_root: Path, tmp_path: Path
+) -> None:
     setup = make_setup(deepforest_root, Split(holdout=(), folds=((0,), (1,)), seed=0), tmp_path, epochs=1)
+    good = Split(holdout=(), folds=((0,), (1,)), seed=0)
+    worker = ray.remote(FoldWorker).options(num_cpus=1, num_gpus=0).remote(setup.base, good, 1)
+    info = ray.get(worker.info.remote())
+    # torch threads = the actor's CPUs; no GPU reserved -> CPU, whatever CUDA the node has
+    assert (info["num_threads"], info["device"]) == (1, "cpu")
+    assert info["node_id"] == ray.get_runtime_context().get_node_id()  # the one local node
+    ray.kill(worker)
+    # In the driver (Ray initialized, but not a worker) nothing is assigned: no thread change, no crash.
+    assert FoldWorker(setup.base, good, 0).info()["device"] == "cpu"
+
+    # A worker that cannot start dies with actor_init_failed: the coordinator fails the trial on it
+    # instead of recreating the worker again and again.
     bad = Split(holdout=(), folds=((0,), (99_999,)), seed=0)  # an image id the dataset does not have
     worker = ray.remote(FoldWorker).options(num_cpus=0.5).remote(setup.base, bad, 0)
-    with pytest.raises(ray.exceptions.ActorDiedError) as info:
+    with pytest.raises(ray.exceptions.ActorDiedError) as error:
         ray.get(worker.info.remote())
-    assert info.value.actor_init_failed and "99999" in str(info.value) and "DatasetError" in str(info.value)
+    assert error.value.actor_init_failed and "99999" in str(error.value) and "DatasetError" in str(error.value)
 
 
 class KillCoordinator(tune.Callback):

@@ -52,12 +52,15 @@ def _ray_node_id() -> str | None:
 
 
 def _assigned(resource: str) -> float | None:
-    """This Ray worker's share of a resource (CPU or GPU); None outside a Ray worker."""
+    """This Ray worker's share of a resource (CPU or GPU); None outside a Ray worker (also in a driver)."""
     import ray
 
     if not ray.is_initialized():
         return None
-    return float(ray.get_runtime_context().get_assigned_resources().get(resource, 0.0))
+    try:
+        return float(ray.get_runtime_context().get_assigned_resources().get(resource, 0.0))
+    except AssertionError:  # a driver: Ray assigns it nothing and asserts that only workers ask
+        return None
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
