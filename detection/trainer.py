@@ -98,6 +98,7 @@ class FoldTrainer:
             trainable_layers=model_cfg.trainable_layers,
             roi_batch_size_per_image=model_cfg.roi_batch_size_per_image,
             rpn_post_nms_top_n_train=model_cfg.rpn_post_nms_top_n_train,
+            freeze_backbone_epochs=model_cfg.freeze_backbone_epochs,
         ).to(self.device)
 
         self.train_set = CocoDetection(index, list(train_ids), transforms=None)

@@ -25,6 +25,7 @@ def build_detector(
     trainable_layers: int = 3,
     roi_batch_size_per_image: int = 512,
     rpn_post_nms_top_n_train: int = 2000,
+    freeze_backbone_epochs: int = 0,
 ) -> nn.Module:
     """A detector with torchvision's contract.
 
@@ -40,6 +41,7 @@ def build_detector(
         trainable_layers: backbone stages left trainable (0..5).
         roi_batch_size_per_image, rpn_post_nms_top_n_train: faster_rcnn only: RoIs sampled per image and
             training proposals kept (see `build_faster_rcnn`).
+        freeze_backbone_epochs: fcos_tal only: backbone frozen for this many epochs (`model.set_epoch`).
     Returns:
         An `nn.Module`: train mode `model(images, targets)` -> dict of losses; eval mode `model(images)` ->
         list of {"boxes" [N, 4] xyxy absolute in each input image's pixels, "scores" [N], "labels" int64 [N]}.
@@ -67,6 +69,7 @@ def build_detector(
             return build_fcos_tal(
                 backbone=backbone, num_classes=num_classes, image_size=image_size, pretrained=pretrained,
                 weights_path=weights_path, trainable_layers=trainable_layers,
+                freeze_backbone_epochs=freeze_backbone_epochs,
             )
         case _:
             raise ValueError(f"`arch` must be one of {list(ARCHS)}, but got {arch!r}.")
