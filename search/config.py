@@ -124,6 +124,13 @@ class FailurePolicy:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    # Ray Tune's MLflow callback (the optional extra `pip install 'detsweep[mlflow]'`); None: off.
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str | None = None  # default: the sweep's name
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     name: str = "sweep"  # the experiment folder is `<storage>/<name>-<timestamp>` unless `--name` is given
     storage: str = "experiments"
@@ -135,6 +142,7 @@ class SweepConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     failure: FailurePolicy = field(default_factory=FailurePolicy)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def base(self) -> ExperimentConfig:
@@ -171,6 +179,11 @@ class SweepConfig:
         _validate_ensemble(self.ensemble, where)
         _check(self.failure.max_failures >= -1, where, "failure.max_failures",
                f"an integer >= -1 (-1 retries forever), got {self.failure.max_failures}")
+        if self.logging.mlflow_tracking_uri is not None:
+            import importlib.util
+
+            _check(importlib.util.find_spec("mlflow") is not None, where, "logging.mlflow_tracking_uri",
+                   "unset, or mlflow installed: pip install 'detsweep[mlflow]'")
         return self
 
     def smoke_test(self) -> SweepConfig:

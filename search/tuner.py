@@ -287,7 +287,19 @@ def build_run_config(config: SweepConfig, *, experiment_dir: Path) -> tune.RunCo
         failure_config=tune.FailureConfig(max_failures=config.failure.max_failures),
         progress_reporter=reporter,
         verbose=2,
+        callbacks=_logger_callbacks(config),
     )
+
+
+def _logger_callbacks(config: SweepConfig) -> list:
+    """Ray Tune's own MLflow callback when `logging.mlflow_tracking_uri` is set (TensorBoard is Tune's default)."""
+    if config.logging.mlflow_tracking_uri is None:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(tracking_uri=config.logging.mlflow_tracking_uri,
+                                 experiment_name=config.logging.mlflow_experiment or config.name,
+                                 save_artifact=False)]
 
 
 def _use_cli_reporter() -> None:

@@ -188,3 +188,24 @@ def test_status_of_a_sweep_that_has_not_started(tmp_path, coco_json, capsys):
     assert info.value.code == 2
     assert "no Tune experiment (tune/) yet" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_mlflow_logging_needs_the_optional_extra(tmp_path, deepforest_root):
+    """`logging.mlflow_tracking_uri` without mlflow installed names the key and the extra to install."""
+    import importlib.util
+
+    from search.config import load_sweep_config
+    from search.tuner import build_run_config
+
+    base = f"data:\n  path: {deepforest_root}\n"
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(base)
+    assert build_run_config(load_sweep_config(plain), experiment_dir=tmp_path).callbacks in (None, [])
+    with_mlflow = tmp_path / "mlflow.yaml"
+    with_mlflow.write_text(base + f"logging:\n  mlflow_tracking_uri: file://{tmp_path}/mlruns\n")
+    if importlib.util.find_spec("mlflow") is None:
+        with pytest.raises(ConfigError, match=r"logging\.mlflow_tracking_uri.*detsweep\[mlflow\]"):
+            load_sweep_config(with_mlflow)
+    else:
+        callbacks = build_run_config(load_sweep_config(with_mlflow), experiment_dir=tmp_path).callbacks
+        assert type(callbacks[0]).__name__ == "MLflowLoggerCallback"
