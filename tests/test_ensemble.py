@@ -265,7 +265,7 @@ def test_errored_trial_is_listed_with_its_error_and_not_ensembled(deepforest_roo
     assert row["status"] == "ERROR" and row["rank"] == "" and row["score"] == ""
     # The reason of Tune's pickled TrialFailed, down to the cause: the weights file does not fit the backbone.
     assert row["error"].startswith("TrialFailed: fold ") and "worker failed to start" in row["error"]
-    assert "loading state_dict" in row["error"], row["error"]
+    assert "state_dict" in row["error"] and "conv.weight" in row["error"], row["error"]  # the bogus file's key
     assert f"{row['trial_id']} (ERROR): " in (experiment / LEADERBOARD_MD).read_text()
     assert leaderboard == experiment / LEADERBOARD_CSV
     assert not (experiment / ENSEMBLE_DIR / f"{row['trial_id']}.json").exists()
