@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
+from detection.metrics import class_name
+
 __all__ = ["GT_COLOR", "PRED_COLOR", "draw_detections"]
 
 GT_COLOR = (0, 255, 0)  # ground truth: green
@@ -49,7 +51,7 @@ def draw_detections(
 
     if target is not None and target["boxes"].numel():
         boxes = target["boxes"].detach().cpu().float().reshape(-1, 4)
-        names = [_class_name(int(label), class_names) for label in target["labels"].reshape(-1)]
+        names = [class_name(int(label), class_names) for label in target["labels"].reshape(-1)]
         canvas = draw_bounding_boxes(canvas, boxes, labels=names, colors=GT_COLOR, width=width)
     if pred is not None and pred["boxes"].numel():
         keep = pred["scores"].detach().cpu().reshape(-1) >= score_threshold
@@ -57,7 +59,7 @@ def draw_detections(
         scores = pred["scores"].detach().cpu().reshape(-1)[keep].tolist()
         labels = pred["labels"].detach().cpu().reshape(-1)[keep].tolist()
         if len(boxes):
-            names = [f"{_class_name(label, class_names)} {score:.2f}" for label, score in zip(labels, scores)]
+            names = [f"{class_name(label, class_names)} {score:.2f}" for label, score in zip(labels, scores)]
             canvas = draw_bounding_boxes(
                 canvas, boxes, labels=names, colors=PRED_COLOR, width=width, label_colors=(255, 255, 255),
                 label_background_colors=PRED_COLOR, fill_labels=True,
@@ -90,10 +92,3 @@ def _to_uint8_chw(image: torch.Tensor | Image.Image | np.ndarray) -> torch.Tenso
     raise ValueError(f"Expected a tensor, PIL image or numpy array, got {type(image).__name__}.")
 
 
-def _class_name(label: int, class_names: Sequence[str]) -> str:
-    if not 1 <= label <= len(class_names):
-        raise ValueError(
-            f"Expected labels in 1..{len(class_names)} (one per class name in {tuple(class_names)}), "
-            f"but got label {label}."
-        )
-    return class_names[label - 1]

@@ -127,7 +127,7 @@ def mean_average_precision(
         # T index 0 is IoU 0.5, A index 0 is "all", M index -1 is max_detections.
         precision_50 = summary["precision"][0, :, :, 0, -1]  # [R, K]
         for k, label in enumerate(classes):
-            name = _class_name(label, class_names)
+            name = class_name(label, class_names)
             per_class[name] = _defined(ap_per_class[k])
             curve = precision_50[:, k]
             curve = curve[curve > -1]  # -1 marks "no ground truth of this class"
@@ -313,7 +313,8 @@ def _check_iou_threshold(iou_threshold: float) -> None:
         raise ValueError(f"`0 < iou_threshold <= 1` must hold, but got {iou_threshold=}.")
 
 
-def _class_name(label: int, class_names: Sequence[str]) -> str:
+def class_name(label: int, class_names: Sequence[str]) -> str:
+    """The name of a contiguous label 1..C; a ValueError for a label outside it."""
     if not 1 <= label <= len(class_names):
         raise ValueError(
             f"Expected labels in 1..{len(class_names)} (one per class name in {tuple(class_names)}), "
