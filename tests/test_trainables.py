@@ -32,11 +32,12 @@ TINY_SPLIT = Split(holdout=(4,), folds=((0, 1), (2, 3)), seed=0)
 
 
 def tiny_config(data_path: Path, **train: object) -> ExperimentConfig:
-    """Faster R-CNN MobileNetV2 from scratch at 128 px: seconds per epoch on a CPU."""
+    """Faster R-CNN MobileNetV2 from scratch at 64 px, 32 RoIs per image: about a second per epoch on a CPU."""
     return ExperimentConfig(
         data=DataConfig(path=str(data_path), num_folds=2, class_balanced_sampling=False),
-        model=ModelConfig(arch="faster_rcnn", backbone="mobilenet_v2", pretrained=False),
-        train=TrainConfig(**{"epochs": 2, "image_size": 128, "batch_size": 2, "eval_batch_size": 2,
+        model=ModelConfig(arch="faster_rcnn", backbone="mobilenet_v2", pretrained=False, roi_batch_size_per_image=32,
+                          rpn_post_nms_top_n_train=200),
+        train=TrainConfig(**{"epochs": 2, "image_size": 64, "batch_size": 2, "eval_batch_size": 2,
                              "augment": False, "amp": False, "warmup_epochs": 0.0, **train}),
     ).validate()
 

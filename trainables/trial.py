@@ -415,6 +415,14 @@ class _Trial:
             self.stopped = bool(restored.trial.get("stopped", False))
             logger.info("trial %s: resuming after epoch %d from its checkpoint", self.trial_id, self.epoch)
         self.workers = [self._spawn(k) for k in range(self.num_folds)]
+        # Wait until every fold is built (process start, data, model) so that the folds start their
+        # first epoch together, as they do every later one.
+        for k in range(self.num_folds):
+            while self.fold_info[k] is None:
+                try:
+                    self.fold_info[k] = ray.get(self.workers[k].info.remote())
+                except _LOST as error:
+                    self._replace(k, error)
 
     def _replace(self, k: int, error: BaseException) -> None:
         """Recreate fold k in its bundle from its last state after its actor or node was lost."""
@@ -440,16 +448,14 @@ class _Trial:
 
     def _submit(self, k: int) -> dict[str, Any]:
         w = self.workers[k]
-        refs = {"info": w.info.remote()} if self.fold_info[k] is None else {}
         # Actor tasks run in submission order: "model" is the last to finish.
-        refs.update(train=w.train_epoch.remote(), eval=w.evaluate.remote(), state=w.state_bytes.remote(),
-                    model=w.model_state_bytes.remote(if_improved=True))
-        return refs
+        return {"train": w.train_epoch.remote(), "eval": w.evaluate.remote(), "state": w.state_bytes.remote(),
+                "model": w.model_state_bytes.remote(if_improved=True)}
 
     def _gather(self, k: int, refs: dict[str, Any]) -> dict[str, Any]:
         # In submission order, so that the first failing step is the one reported.
         out = {}
-        for name in ("info", "train", "eval", "state", "model"):
+        for name in ("train", "eval", "state", "model"):
             if name in refs:
                 try:
                     out[name] = ray.get(refs[name])
@@ -484,8 +490,6 @@ class _Trial:
         extras: dict[str, Any] = {}
         for k, r in enumerate(results):
             train, evaluation = r["train"], r["eval"]
-            if "info" in r:
-                self.fold_info[k] = r["info"]
             self.states[k] = r["state"]
             if r["model"] is not None:
                 self.best[k] = BestModel(
@@ -524,7 +528,7 @@ class _Trial:
         }
 
     def trial_json(self) -> dict[str, Any]:
-        info = next((i for i in self.fold_info if i is not None), {})
+        info = self.fold_info[0] or {}
         return {
             "trial_id": self.trial_id,
             "arch": self.config.model.arch,
