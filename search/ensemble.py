@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from detection.config import ConfigError
+from search.tuner import finite_float, format_or_dash
 
 __all__ = [
     "BEST_ENSEMBLE_DIR",
@@ -352,14 +353,6 @@ class LeaderboardRow:
 LEADERBOARD_COLUMNS = tuple(LeaderboardRow.__dataclass_fields__)
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _read_trials(tune_dir: Path) -> list[_TrialInfo]:
     from ray.tune import ExperimentAnalysis
 
@@ -373,7 +366,7 @@ def _read_trials(tune_dir: Path) -> list[_TrialInfo]:
         rows = frame.to_dict("records") if frame is not None and len(frame) else []
         if not rows and trial.last_result:
             rows = [dict(trial.last_result)]
-        scored = [r for r in rows if _finite(r.get("score_mean")) is not None]
+        scored = [r for r in rows if finite_float(r.get("score_mean")) is not None]
         best = max(scored, key=lambda r: float(r["score_mean"])) if scored else None
         checkpoint = trial.checkpoint
         error = _trial_error(trial) if trial.status == "ERROR" else None
@@ -381,8 +374,8 @@ def _read_trials(tune_dir: Path) -> list[_TrialInfo]:
             trial_id=trial.trial_id, status=trial.status,
             params=dict(trial.config or {}),
             checkpoint=str(checkpoint.path) if checkpoint is not None else None,
-            cv_score_mean=_finite(best["score_mean"]) if best else None,
-            cv_score_std=_finite(best.get("score_std")) if best else None,
+            cv_score_mean=finite_float(best["score_mean"]) if best else None,
+            cv_score_std=finite_float(best.get("score_std")) if best else None,
             cv_epoch=int(best["training_iteration"]) if best and "training_iteration" in best else None,
             epochs=max((int(r.get("training_iteration", 0) or 0) for r in rows), default=0),
             error=error,
@@ -604,9 +597,9 @@ def _leaderboard_rows(trials: Sequence[_TrialInfo], specs: Mapping[str, Ensemble
         params = info.params
         rows.append(LeaderboardRow(
             rank=None, trial_id=info.trial_id, status=status,
-            detector=params.get("detector"), lr=_finite(params.get("lr")),
+            detector=params.get("detector"), lr=finite_float(params.get("lr")),
             batch_size=int(params["batch_size"]) if params.get("batch_size") is not None else None,
-            score_threshold=_finite(params.get("score_threshold")),
+            score_threshold=finite_float(params.get("score_threshold")),
             cv_score_mean=info.cv_score_mean, cv_score_std=info.cv_score_std, cv_epoch=info.cv_epoch,
             epochs=info.epochs, num_models=len(specs[info.trial_id].models) if result else None,
             **{m: (float(metrics[m]) if result else None) for m in ENSEMBLE_METRICS},
@@ -642,17 +635,13 @@ def format_leaderboard(rows: Sequence[LeaderboardRow]) -> str:
     for r in rows:
         cv = "-" if r.cv_score_mean is None else f"{r.cv_score_mean:.4f} +- {r.cv_score_std or 0.0:.4f}"
         lines.append(
-            f"| {r.rank or '-'} | {r.trial_id} | {r.status} | {r.detector or '-'} | {_fmt(r.lr, '.2e')} "
-            f"| {_fmt(r.batch_size, 'd')} | {_fmt(r.score_threshold, '.3f')} | {cv} "
-            + " ".join(f"| {_fmt(getattr(r, m), '.4f')}" for m in ENSEMBLE_METRICS) + " |")
+            f"| {r.rank or '-'} | {r.trial_id} | {r.status} | {r.detector or '-'} | {format_or_dash(r.lr, '.2e')} "
+            f"| {format_or_dash(r.batch_size, 'd')} | {format_or_dash(r.score_threshold, '.3f')} | {cv} "
+            + " ".join(f"| {format_or_dash(getattr(r, m), '.4f')}" for m in ENSEMBLE_METRICS) + " |")
     for r in rows:
         if r.error:
             lines.append(f"\n{r.trial_id} ({r.status}): {r.error}")
     return "\n".join(lines)
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _write_best_ensemble(experiment_dir: Path, spec: EnsembleSpec, *, info: _TrialInfo, metrics: Mapping[str, Any],

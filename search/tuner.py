@@ -412,13 +412,14 @@ def sweep_status(experiment_dir: Path) -> list[TrialStatus]:
         rows.append(TrialStatus(
             trial_id=trial.trial_id, status=trial.status, detector=str(config.get("detector", "?")),
             lr=config.get("lr"), batch_size=config.get("batch_size"), score_threshold=config.get("score_threshold"),
-            epochs=int(last.get("training_iteration", 0) or 0), score_mean=_float(last.get("score_mean")),
-            score_std=_float(last.get("score_std")), best_score=_float(last.get("best_score")), error=error,
+            epochs=int(last.get("training_iteration", 0) or 0), score_mean=finite_float(last.get("score_mean")),
+            score_std=finite_float(last.get("score_std")), best_score=finite_float(last.get("best_score")), error=error,
         ))
     return sorted(rows, key=lambda r: (r.score_mean is None, -(r.score_mean or 0.0), r.trial_id))
 
 
-def _float(value: Any) -> float | None:
+def finite_float(value: Any) -> float | None:
+    """`value` as a finite float, or None (missing, not a number, nan or inf)."""
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -441,8 +442,8 @@ def format_status(rows: list[TrialStatus], *, num_samples: int | None = None) ->
     for rank, r in enumerate(rows, start=1):
         score = "-" if r.score_mean is None else f"{r.score_mean:.4f} +- {r.score_std or 0.0:.4f}"
         lines.append(
-            f"| {rank} | {r.trial_id} | {r.status} | {r.detector} | {_fmt(r.lr, '.2e')} | {_fmt(r.batch_size, 'd')} "
-            f"| {_fmt(r.score_threshold, '.3f')} | {r.epochs} | {score} | {_fmt(r.best_score, '.4f')} |")
+            f"| {rank} | {r.trial_id} | {r.status} | {r.detector} | {format_or_dash(r.lr, '.2e')} | {format_or_dash(r.batch_size, 'd')} "
+            f"| {format_or_dash(r.score_threshold, '.3f')} | {r.epochs} | {score} | {format_or_dash(r.best_score, '.4f')} |")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -455,5 +456,6 @@ def format_status(rows: list[TrialStatus], *, num_samples: int | None = None) ->
     return "\n".join(lines)
 
 
-def _fmt(value: Any, spec: str) -> str:
+def format_or_dash(value: Any, spec: str) -> str:
+    """`format(value, spec)`, or "-" for a missing value (leaderboard cells)."""
     return "-" if value is None else format(value, spec)
