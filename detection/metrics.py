@@ -14,6 +14,7 @@ Metric names are the project-wide strings: ``map``, ``map_50``, ``map_75``, ``f1
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -35,6 +36,8 @@ METRIC_NAMES = ("map", "map_50", "map_75", "f1", "precision", "recall", "score")
 
 # faster_coco_eval is the same algorithm as pycocotools in C++ (several times faster on big val sets).
 _MAP_BACKEND = "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
+# It logs its whole COCO summary table at INFO on every evaluation: keep the console for our own lines.
+logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
 # COCOeval's own float64 grids. torchmetrics' defaults come from float32 torch.linspace, where
 # 0.8 is 0.800000012: a recall of exactly 4/5 then misses that recall point and AP drifts ~1e-3.

@@ -1,6 +1,6 @@
 """`detsweep`: the command line.
 
-    detsweep sweep  [--config X.yaml] [--address auto] [--storage PATH] [--name NAME] [--smoke-test]
+    detsweep sweep  [--config X.yaml] [--address auto] [--storage PATH_OR_URI] [--name NAME] [--smoke-test]
     detsweep resume PATH [--retry-errored]
     detsweep status PATH
     detsweep ensemble PATH
@@ -10,6 +10,9 @@
     detsweep train --config X.yaml [--fold K] [--all-data]
     detsweep data deepforest --out DIR
     detsweep ensemble PATH [--trial ID ...] [--address auto]
+
+PATH is an experiment folder or URI (`s3://bucket/prefix/<name>`, see search/storage.py: a URI's files are
+pulled into a local mirror, worked on there, and the driver's outputs pushed back).
 
 Each command is a small `cmd_<name>(args) -> int`; Ray and Optuna are imported inside the commands that
 use them, so commands without Ray (`train`) work on a machine that has torch but no Ray. Bad configs and
@@ -43,35 +46,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = load_sweep_config(args.config)
     if args.smoke_test:
         config = config.smoke_test().validate(str(args.config))
-    experiment_dir = new_experiment_dir(config, storage=args.storage, name=args.name)
-    prepare_experiment(config, experiment_dir=experiment_dir)
-    _say(f"experiment: {experiment_dir}\n  watch:  detsweep status {experiment_dir}\n"
-         f"  resume: detsweep resume {experiment_dir}")
+    experiment = new_experiment_dir(config, storage=args.storage, name=args.name)
+    prepare_experiment(config, experiment_dir=experiment.local)
+    experiment.push()
+    _say(f"experiment: {experiment}\n  watch:  detsweep status {experiment}\n  resume: detsweep resume {experiment}")
 
     init_ray(config, address=args.address, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host)
-    tuner = build_tuner(config, experiment_dir=experiment_dir)
-    return _finish(tuner, experiment_dir, config=config, ensemble=not args.no_ensemble)
+    tuner = build_tuner(config, experiment_dir=experiment.local, remote=experiment.uri)
+    return _finish(tuner, experiment, config=config, ensemble=not args.no_ensemble)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Continue a killed or failed sweep from its experiment folder, then run the ensemble job."""
     from search.tuner import init_ray, load_experiment, restore_tuner
 
-    experiment_dir = Path(args.path).resolve()
-    config = load_experiment(experiment_dir)
+    experiment = _open(args.path, exclude=("tune",))  # Tune reads its own state from the URI
+    config = load_experiment(experiment.local)
     init_ray(config, address=args.address, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host)
-    tuner = restore_tuner(experiment_dir, retry_errored=args.retry_errored)
-    return _finish(tuner, experiment_dir, config=config, ensemble=not args.no_ensemble)
+    tuner = restore_tuner(experiment.local, remote=experiment.uri, retry_errored=args.retry_errored)
+    return _finish(tuner, experiment, config=config, ensemble=not args.no_ensemble)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the leaderboard so far of a running or finished sweep (reads files only; starts no Ray)."""
     from search.tuner import format_status, load_experiment, sweep_status
 
-    experiment_dir = Path(args.path).resolve()
-    config = load_experiment(experiment_dir, validate=False)
-    rows = sweep_status(experiment_dir)
-    _say(f"{experiment_dir} (metric {config.search.metric}, {config.train.epochs} epochs, "
+    experiment = _open(args.path, exclude=("checkpoint_*",))  # results and trial states only
+    config = load_experiment(experiment.local, validate=False)
+    rows = sweep_status(experiment.local)
+    _say(f"{experiment} (metric {config.search.metric}, {config.train.epochs} epochs, "
          f"{config.data.num_folds} folds)\n" + format_status(rows, num_samples=config.search.num_samples))
     return 0
 
@@ -83,18 +86,19 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from search.ensemble import EnsembleError, run_ensemble
     from search.tuner import load_experiment
 
-    experiment_dir = Path(args.path).resolve()
-    load_experiment(experiment_dir)  # a folder that is not a sweep's is reported before Ray starts
+    experiment = _open(args.path)
+    load_experiment(experiment.local)  # a folder that is not a sweep's is reported before Ray starts
     if args.address:
         ray.init(address=args.address, log_to_driver=True)
     try:
-        leaderboard = run_ensemble(experiment_dir, trial_ids=args.trial)
+        leaderboard = run_ensemble(experiment.local, trial_ids=args.trial)
     except EnsembleError as error:
         print(f"detsweep ensemble: error: {error}", file=sys.stderr)
         return 2
     finally:
         if args.address:
             ray.shutdown()
+    experiment.push()
     _say(leaderboard.with_suffix(".md").read_text() + f"\nleaderboard: {leaderboard}")
     return 0
 
@@ -129,7 +133,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the experiment's self-contained HTML report (leaderboard, Optuna, curves, best ensemble)."""
     from search.report import write_report
 
-    _say(f"report: {write_report(args.path, out=args.out, max_images=args.max_images)}")
+    experiment = _open(args.path)
+    report = write_report(experiment.local, out=args.out, max_images=args.max_images)
+    experiment.push()
+    _say(f"report: {report}")
     return 0
 
 
@@ -154,29 +161,45 @@ def cmd_export_best(args: argparse.Namespace) -> int:
     """Write the best trial's full training config as a training YAML."""
     from search.export import export_best_config
 
-    out = export_best_config(args.path, args.out)
+    out = export_best_config(_open(args.path).local, args.out)
     _say(f"wrote {out}; retrain on every labelled image with: detsweep train --config {out} --all-data")
     return 0
 
 
-def _finish(tuner, experiment_dir: Path, *, config, ensemble: bool) -> int:
-    """Run the Tuner, export optuna.db, run the ensemble job, print the leaderboard, write the report."""
+def _open(path: str, *, exclude: tuple[str, ...] = ("folds",)):
+    """The experiment at a folder or URI; a URI's files (but `exclude`d ones) are pulled into its mirror."""
+    from search.storage import Experiment
+
+    experiment = Experiment.at(path)
+    try:
+        experiment.pull(exclude=exclude)
+    except (OSError, ValueError) as error:  # pyarrow: unknown scheme, no such bucket, no access
+        raise ConfigError(f"{path}: cannot read the experiment ({error}).") from error
+    return experiment
+
+
+def _finish(tuner, experiment, *, config, ensemble: bool) -> int:
+    """Run the Tuner, export optuna.db, run the ensemble job, print the leaderboard, write the report.
+    `experiment` is a `search.storage.Experiment`: with a URI, Tune's results are pulled into the local
+    mirror first and the driver's outputs pushed back at the end."""
     import ray
 
     from search.tuner import format_status, sweep_status, write_optuna_db
 
+    experiment_dir = experiment.local
     try:
         results = tuner.fit()
+        experiment.pull()
         rows = sweep_status(experiment_dir)
         _say("\n" + format_status(rows, num_samples=config.search.num_samples))
         unfinished = [r for r in rows if r.status not in ("TERMINATED", "ERROR")]
         write_optuna_db(experiment_dir, sweep_over=not unfinished)
         if unfinished:  # Ctrl-C: Tune saved the state and returned
             _say(f"sweep interrupted with {len(unfinished)} trials unfinished; continue it with "
-                 f"`detsweep resume {experiment_dir}`")
+                 f"`detsweep resume {experiment}`")
             return 130
         if not any(r.status == "TERMINATED" and r.epochs > 0 for r in rows):
-            _say(f"no trial finished ({results.num_errors} errored); see {experiment_dir}/tune/*/error.txt")
+            _say(f"no trial finished ({results.num_errors} errored); see {experiment}/tune/*/error.txt")
             return 1
         if ensemble:
             from search.ensemble import run_ensemble
@@ -187,7 +210,8 @@ def _finish(tuner, experiment_dir: Path, *, config, ensemble: bool) -> int:
             _write_report(experiment_dir)
     finally:
         ray.shutdown()
-    _say(f"experiment: {experiment_dir}")
+        experiment.push()
+    _say(f"experiment: {experiment}")
     return 0
 
 
@@ -224,24 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run a hyperparameter sweep (Ray Tune + Optuna), then the ensemble job")
     p.add_argument("--config", type=Path, default=DEMO_CONFIG, help=f"sweep YAML (default {DEMO_CONFIG.name})")
-    p.add_argument("--storage", default=None, help="experiments folder (overrides `storage`; shared on a cluster)")
+    p.add_argument("--storage", default=None,
+                   help="experiments folder or URI, e.g. s3://bucket/sweeps (overrides `storage`; shared on a cluster)")
     p.add_argument("--name", default=None, help="experiment folder name (default: <config name>-<timestamp>)")
     p.add_argument("--smoke-test", action="store_true", help="the same sweep, small: 2 trials x 1 epoch")
     _add_ray_options(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("resume", help="continue an interrupted sweep (finished trials are kept)")
-    p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
+    p.add_argument("path", help="experiment folder or URI (<storage>/<name>)")
     p.add_argument("--retry-errored", action="store_true", help="also resume errored trials from their checkpoints")
     _add_ray_options(p)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("status", help="the leaderboard so far of a running or finished sweep")
-    p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
+    p.add_argument("path", help="experiment folder or URI (<storage>/<name>)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("ensemble", help="WBF-fuse each finished trial's best models on the held-out split; rank")
-    p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
+    p.add_argument("path", help="experiment folder or URI (<storage>/<name>)")
     p.add_argument("--trial", action="append", default=None, metavar="TRIAL_ID",
                    help="only this trial (repeatable); default: every finished trial")
     p.add_argument("--address", default=None,
@@ -262,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("report", help="write the experiment's self-contained HTML report")
-    p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
+    p.add_argument("path", help="experiment folder or URI (<storage>/<name>)")
     p.add_argument("--out", type=Path, default=None, help="HTML file to write (default <experiment>/report.html)")
     p.add_argument("--max-images", type=int, default=8, help="held-out images shown with the best ensemble's boxes")
     p.set_defaults(func=cmd_report)
@@ -277,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export-best", help="write the best trial's training config (for `detsweep train`)")
-    p.add_argument("path", type=Path, help="experiment folder (<storage>/<name>)")
+    p.add_argument("path", help="experiment folder or URI (<storage>/<name>)")
     p.add_argument("--out", type=Path, required=True, help="training YAML to write, e.g. best.yaml")
     p.set_defaults(func=cmd_export_best)
     return parser

@@ -27,6 +27,7 @@ into the experiment folder (docs/INTERFACES.md):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from detection.config import ConfigError
+from detection.data.splits import Split
 from search.tuner import finite_float, format_or_dash
 
 __all__ = [
@@ -178,8 +180,10 @@ _SPEC_KEYS = {"trial_id", "arch", "backbone", "num_classes", "image_size", "clas
 # ------------------------------------------------------------------------------------ models and fusion
 
 
-def build_ensemble_models(spec: EnsembleSpec, *, device: str | torch.device) -> list[nn.Module]:
-    """The spec's models in eval mode on `device`, each built with `pretrained=False` and loaded from its file.
+def build_ensemble_models(spec: EnsembleSpec, *, device: str | torch.device,
+                          model_bytes: Sequence[bytes] | None = None) -> list[nn.Module]:
+    """The spec's models in eval mode on `device`, each built with `pretrained=False` and loaded from its file
+    (or from `model_bytes[i]`, the file's content, when the caller read the files: a Ray task on another node).
 
     Faster R-CNN's k-means anchor shapes live in its state dict (`rpn.anchor_generator.source_shapes`) and
     must be known to build the model before loading it, so they are read from the file first.
@@ -187,13 +191,19 @@ def build_ensemble_models(spec: EnsembleSpec, *, device: str | torch.device) -> 
     from detection.models.anchors import anchor_shapes_from_state_dict
     from detection.models.factory import build_detector
 
+    if model_bytes is not None and len(model_bytes) != len(spec.models):
+        raise ValueError(f"Expected one state per model of trial {spec.trial_id} ({len(spec.models)}), "
+                         f"but got {len(model_bytes)}.")
     models = []
-    for entry in spec.models:
-        path = Path(entry.path)
-        if not path.is_file():
-            raise EnsembleError(f"{path}: model file of trial {spec.trial_id} (rank {entry.rank}, fold {entry.fold}) "
-                                "not found.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    for i, entry in enumerate(spec.models):
+        if model_bytes is not None:
+            state = torch.load(io.BytesIO(model_bytes[i]), map_location="cpu", weights_only=True)
+        else:
+            path = Path(entry.path)
+            if not path.is_file():
+                raise EnsembleError(f"{path}: model file of trial {spec.trial_id} (rank {entry.rank}, "
+                                    f"fold {entry.fold}) not found.")
+            state = torch.load(path, map_location="cpu", weights_only=True)
         model = build_detector(arch=spec.arch, backbone=spec.backbone, num_classes=spec.num_classes,
                                image_size=spec.image_size, pretrained=False,
                                anchor_shapes=anchor_shapes_from_state_dict(state))
@@ -434,23 +444,22 @@ def _trial_spec(info: _TrialInfo, *, iou_thr: float, conf_type: str) -> Ensemble
 # ------------------------------------------------------------------------------------ one trial's task
 
 
-def _evaluate_trial(spec: EnsembleSpec, *, data_path: str, filter_empty: bool, split_path: str,
-                    batch_size: int) -> dict[str, Any]:
+def _evaluate_trial(spec: EnsembleSpec, *, data_path: str, filter_empty: bool, split: Split, batch_size: int,
+                    model_bytes: Sequence[bytes]) -> dict[str, Any]:
     """Predict the held-out split with the spec's models, fuse, score. Runs as a Ray task (or in-process).
+    The driver hands over the model files' bytes, so a task on any node needs only the dataset.
 
     Returns `{"metrics", "image_ids", "predictions"}` (predictions as COCO results, see `predictions_to_coco`).
     """
     from torch.utils.data import DataLoader
 
     from detection.data.coco import CocoDetection, collate_detection, load_dataset
-    from detection.data.splits import Split
     from detection.metrics import detection_metrics
     from trainables.fold_worker import pick_device
 
-    split = Split.from_json(split_path)
     index = load_dataset(data_path, filter_empty=filter_empty)
     split.check_index(index)
-    models = build_ensemble_models(spec, device=pick_device())
+    models = build_ensemble_models(spec, device=pick_device(), model_bytes=model_bytes)
     # Full resolution, no eval transform: the detectors resize internally and answer in these pixels.
     dataset = CocoDetection(index, split.holdout, transforms=None)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
@@ -479,7 +488,6 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
     """
     import ray
 
-    from detection.data.splits import Split
     from search.tuner import SPLIT_JSON, TUNE_DIR, load_experiment
 
     experiment_dir = Path(experiment_dir).resolve()
@@ -499,11 +507,14 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
 
     ens = config.ensemble
     specs: dict[str, EnsembleSpec] = {}
+    model_bytes: dict[str, list[bytes]] = {}
     failures: dict[str, str] = {}
     for info in trials:
         if info.status == "TERMINATED" and info.checkpoint is not None:
             try:
-                specs[info.trial_id] = _trial_spec(info, iou_thr=ens.iou_thr, conf_type=ens.conf_type)
+                spec = _trial_spec(info, iou_thr=ens.iou_thr, conf_type=ens.conf_type)
+                model_bytes[info.trial_id] = _read_model_files(spec)
+                specs[info.trial_id] = spec
             except EnsembleError as error:
                 failures[info.trial_id] = str(error)
                 logger.warning("trial %s is not ensembled: %s", info.trial_id, error)
@@ -518,8 +529,8 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
         # One task per trial, named so that the dashboard shows which trial each one is.
         refs = {trial_id: task.options(num_cpus=ens.cpus, num_gpus=ens.gpus, max_retries=1,
                                        name=f"ensemble/{trial_id}").remote(
-                    spec, data_path=config.data.path, filter_empty=config.data.filter_empty,
-                    split_path=str(split_path), batch_size=config.train.eval_batch_size)
+                    spec, data_path=config.data.path, filter_empty=config.data.filter_empty, split=split,
+                    batch_size=config.train.eval_batch_size, model_bytes=model_bytes[trial_id])
                 for trial_id, spec in specs.items()}
         for trial_id, ref in refs.items():
             try:
@@ -551,6 +562,15 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
     else:
         logger.warning("%s: no trial could be ensembled; %s not written.", experiment_dir, BEST_ENSEMBLE_JSON)
     return csv_path
+
+
+def _read_model_files(spec: EnsembleSpec) -> list[bytes]:
+    """The model files of a trial's ensemble, read by the driver (the tasks may run on nodes without them)."""
+    try:
+        return [Path(m.path).read_bytes() for m in spec.models]
+    except OSError as error:
+        raise EnsembleError(f"{error.filename}: cannot read a model file of trial {spec.trial_id} "
+                            f"({error.strerror}).") from error
 
 
 def _init_local_ray(*, cpus: float, gpus: float, tasks: int) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from detection.data.coco import DatasetError
-from trainables.manifest import MANIFEST_FILE, dataset_sha256, file_sha256, git_state, package_versions
+from trainables.manifest import MANIFEST_FILE, dataset_sha256, git_state, package_versions
 
 __all__ = ["MANIFEST_FILE", "check_manifest", "latest_checkpoint", "read_trial_manifest", "trial_dirs"]
 
@@ -71,6 +72,22 @@ def read_trial_manifest(trial_dir: str | Path) -> dict[str, Any] | None:
                          f"{error.lineno} column {error.colno}: {error.msg}.") from error
 
 
+def _split_hash(location: str) -> str:
+    """`Split.hash` of the split.json at a path or URI (an experiment on S3 keeps it there)."""
+    from detection.data.splits import Split
+    from search.storage import is_uri
+
+    if not is_uri(location):
+        return Split.from_json(location).hash
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(location)
+    with tempfile.TemporaryDirectory() as tmp, fs.open_input_stream(path) as source:
+        local = Path(tmp) / "split.json"
+        local.write_bytes(source.read())
+        return Split.from_json(local).hash
+
+
 def check_manifest(manifest: dict[str, Any]) -> list[str]:
     """What differs between a manifest and the dataset, split, packages and git commit of today.
 
@@ -90,11 +107,11 @@ def check_manifest(manifest: dict[str, Any]) -> list[str]:
         issues.append(f"dataset cannot be hashed now: {error}")
     split = manifest.get("split", {})
     try:
-        now = file_sha256(split.get("path", ""))
-        if now != split.get("file_sha256"):
-            issues.append(f"split file sha256 differs: manifest {str(split.get('file_sha256'))[:12]}, now {now[:12]}")
-    except DatasetError as error:
-        issues.append(f"split file cannot be hashed now: {error}")
+        now = _split_hash(split.get("path", ""))
+        if now != split.get("sha256"):
+            issues.append(f"split sha256 differs: manifest {str(split.get('sha256'))[:12]}, now {now[:12]}")
+    except (DatasetError, OSError) as error:
+        issues.append(f"split cannot be read now: {error}")
     for name, version in package_versions(tuple(k for k in manifest.get("packages", {}) if k != "python")).items():
         recorded = manifest.get("packages", {}).get(name)
         if recorded != version:

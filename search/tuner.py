@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from detection.config import ConfigError
 from search.config import SweepConfig, load_sweep_config
 from search.space import build_search_space
+from search.storage import Experiment, is_uri, join_uri
 
 if TYPE_CHECKING:
     from ray import tune
@@ -65,25 +67,40 @@ PARAM_COLUMNS = {"detector": "detector", "lr": "lr", "batch_size": "batch", "sco
 # ------------------------------------------------------------------------------------ experiment folder
 
 
-def new_experiment_dir(config: SweepConfig, *, storage: str | None = None, name: str | None = None) -> Path:
-    """`<storage>/<name>` as an absolute path: `--storage`/`--name` override `storage`/`name` of the config;
-    without `--name` the folder is `<config name>-<YYYYmmdd-HHMMSS>` so that repeated sweeps never collide.
+def new_experiment_dir(config: SweepConfig, *, storage: str | None = None, name: str | None = None) -> Experiment:
+    """`<storage>/<name>`: `--storage`/`--name` override `storage`/`name` of the config; without `--name`
+    the folder is `<config name>-<YYYYmmdd-HHMMSS>` so that repeated sweeps never collide. `storage` is a
+    path (local, or shared on a cluster) or a URI such as `s3://bucket/prefix` (search/storage.py).
 
     Raises:
-        ConfigError: for a URI storage (s3://...), or when the folder already holds a Tune experiment.
+        ConfigError: when the folder already holds a Tune experiment, or the URI cannot be read.
     """
     storage = storage or config.storage
-    if "://" in storage:
-        raise ConfigError(f"`storage` {storage!r}: expected a local or shared-filesystem path (NFS, EFS, "
-                          "a mounted bucket); URIs are not supported because trials read split.json from it.")
     folder = name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not folder or "/" in folder:
         raise ConfigError(f"`--name` must be a folder name without '/', got {folder!r}.")
-    path = Path(storage).expanduser().resolve() / folder
-    if (path / TUNE_DIR).exists():
-        raise ConfigError(f"{path} already holds a sweep; continue it with `detsweep resume {path}` "
+    if is_uri(storage):
+        experiment = Experiment.at(join_uri(storage, folder))
+        try:
+            taken = _uri_exists(experiment.join(TUNE_DIR))
+        except (OSError, ValueError) as error:  # pyarrow: unknown scheme, bad options, no access
+            raise ConfigError(f"`storage` {storage!r}: cannot use this URI ({error}).") from error
+    else:
+        experiment = Experiment.at(Path(storage).expanduser() / folder)
+        taken = (experiment.local / TUNE_DIR).exists()
+    if taken:
+        raise ConfigError(f"{experiment} already holds a sweep; continue it with `detsweep resume {experiment}` "
                           "or choose another `--name`.")
-    return path
+    if experiment.uri and experiment.local.exists():
+        shutil.rmtree(experiment.local)  # a stale mirror of an earlier experiment at this URI
+    return experiment
+
+
+def _uri_exists(uri: str) -> bool:
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
 def prepare_experiment(config: SweepConfig, *, experiment_dir: Path) -> Path:
@@ -250,13 +267,19 @@ def sweep_trial(config: dict[str, Any], *, setup: Any) -> None:
     train_trial({k: v for k, v in config.items() if k in TRIAL_PARAMS}, setup=setup)
 
 
-def build_trainable(config: SweepConfig, *, experiment_dir: Path) -> Any:
-    """`sweep_trial` with its TrialSetup bound and the trial's placement group (coordinator + K folds)."""
+def build_trainable(config: SweepConfig, *, experiment_dir: Path, remote: str | None = None) -> Any:
+    """`sweep_trial` with its TrialSetup bound and the trial's placement group (coordinator + K folds).
+
+    The split travels inside the setup (Ray's object store), so trials need no access to split.json.
+    """
     from ray import tune
 
+    from detection.data.splits import Split
     from trainables.trial import TrialSetup, trial_resources
 
-    setup = TrialSetup(base=config.base, split_path=str(Path(experiment_dir).resolve() / SPLIT_JSON),
+    local = Path(experiment_dir).resolve()
+    setup = TrialSetup(base=config.base, split=Split.from_json(local / SPLIT_JSON),
+                       split_path=join_uri(remote, SPLIT_JSON) if remote else str(local / SPLIT_JSON),
                        resources=config.resources)
     trainable = tune.with_parameters(sweep_trial, setup=setup)
     return tune.with_resources(trainable, trial_resources(config.data.num_folds, config.resources))
@@ -267,7 +290,8 @@ def _trial_dirname(trial: Trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def build_run_config(config: SweepConfig, *, experiment_dir: Path) -> tune.RunConfig:
+def build_run_config(config: SweepConfig, *, experiment_dir: Path, remote: str | None = None) -> tune.RunConfig:
+    """Tune writes `<experiment>/tune`: into the folder, or straight to the experiment's URI (`remote`)."""
     from ray import tune
 
     reporter = tune.CLIReporter(
@@ -278,7 +302,7 @@ def build_run_config(config: SweepConfig, *, experiment_dir: Path) -> tune.RunCo
         max_column_length=28,  # "faster_rcnn/efficientnet_b3" whole
     )
     return tune.RunConfig(
-        storage_path=str(Path(experiment_dir).resolve()),
+        storage_path=remote or str(Path(experiment_dir).resolve()),
         name=TUNE_DIR,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest resume state; best models live inside
         # The experiment state (read by `detsweep status`) reaches storage at least this often, besides on
@@ -307,8 +331,9 @@ def _use_cli_reporter() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
-def build_tuner(config: SweepConfig, *, experiment_dir: Path) -> tune.Tuner:
-    """The Tuner of a prepared experiment folder (see `prepare_experiment`)."""
+def build_tuner(config: SweepConfig, *, experiment_dir: Path, remote: str | None = None) -> tune.Tuner:
+    """The Tuner of a prepared experiment folder (see `prepare_experiment`); with `remote` (the experiment's
+    URI, `experiment_dir` its local mirror) Tune stores the trials there."""
     from ray import tune
 
     _use_cli_reporter()
@@ -318,27 +343,29 @@ def build_tuner(config: SweepConfig, *, experiment_dir: Path) -> tune.Tuner:
         num_samples=config.search.num_samples,
         trial_dirname_creator=_trial_dirname,
     )
-    return tune.Tuner(build_trainable(config, experiment_dir=experiment_dir), tune_config=tune_config,
-                      run_config=build_run_config(config, experiment_dir=experiment_dir))
+    return tune.Tuner(build_trainable(config, experiment_dir=experiment_dir, remote=remote), tune_config=tune_config,
+                      run_config=build_run_config(config, experiment_dir=experiment_dir, remote=remote))
 
 
-def restore_tuner(experiment_dir: Path, *, retry_errored: bool = False) -> tune.Tuner:
+def restore_tuner(experiment_dir: Path, *, remote: str | None = None, retry_errored: bool = False) -> tune.Tuner:
     """`Tuner.restore` of `<experiment>/tune`: unfinished trials continue from their latest checkpoint,
     errored ones too when `retry_errored`; finished trials are kept as they are. The searcher (and with it
     the Optuna study and the count of trials still to sample) comes back from the experiment state.
-    Without any Tune state yet, a new Tuner over the saved sweep.yaml and split.json."""
+    Without any Tune state yet, a new Tuner over the saved sweep.yaml and split.json. With `remote`
+    (`experiment_dir` is then its local mirror), Tune's state is read from the URI."""
     from ray import tune
 
     experiment_dir = Path(experiment_dir).resolve()
     config = load_experiment(experiment_dir)
-    tune_dir = experiment_dir / TUNE_DIR
-    if not tune.Tuner.can_restore(str(tune_dir)):
+    tune_dir = join_uri(remote, TUNE_DIR) if remote else str(experiment_dir / TUNE_DIR)
+    if not tune.Tuner.can_restore(tune_dir):
         # The driver died after writing sweep.yaml and split.json but before Tune saved any state.
         logger.info("%s: no Tune experiment state yet; starting the sweep from its saved config.", tune_dir)
-        return build_tuner(config, experiment_dir=experiment_dir)
+        return build_tuner(config, experiment_dir=experiment_dir, remote=remote)
     _use_cli_reporter()
-    return tune.Tuner.restore(str(tune_dir), trainable=build_trainable(config, experiment_dir=experiment_dir),
-                              resume_unfinished=True, resume_errored=retry_errored, restart_errored=False)
+    trainable = build_trainable(config, experiment_dir=experiment_dir, remote=remote)
+    return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=retry_errored,
+                              restart_errored=False)
 
 
 def load_experiment(experiment_dir: Path, *, validate: bool = True) -> SweepConfig:

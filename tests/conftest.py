@@ -77,7 +77,7 @@ def coco_writer() -> Callable[..., Path]:
 # ------------------------------------------------------------------------------------ a finished sweep
 
 
-def _tiny_sweep_data(deepforest_root: Path, out: Path, *, num_images: int) -> Path:
+def tiny_sweep_data(deepforest_root: Path, out: Path, *, num_images: int) -> Path:
     """The first `num_images` annotated DeepForest training tiles as one COCO file, images copied beside it."""
     import shutil
 
@@ -91,6 +91,28 @@ def _tiny_sweep_data(deepforest_root: Path, out: Path, *, num_images: int) -> Pa
     subset = {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in annotated]}
     path = out / "annotations.json"
     path.write_text(json.dumps(subset))
+    return path
+
+
+def write_tiny_sweep_config(path: Path, *, name: str, data: Path, storage: Path, num_samples: int, epochs: int,
+                            image_size: int, holdout_fraction: float = 0.25, score_threshold=(0.01, 0.05),
+                            model: dict | None = None, train: dict | None = None) -> Path:
+    """A sweep YAML for the tests' tiny real sweeps: Faster R-CNN/MobileNetV2 without pretrained weights,
+    2 folds, one trial at a time, 1 CPU per fold and none for the coordinator (fits a 2-core machine)."""
+    import yaml
+
+    config = {
+        "name": name, "storage": str(storage), "seed": 0,
+        "data": {"path": str(data), "num_folds": 2, "holdout_fraction": holdout_fraction,
+                 "class_balanced_sampling": False},
+        "model": {"arch": "faster_rcnn", "backbone": "mobilenet_v2", "pretrained": False, **(model or {})},
+        "train": {"epochs": epochs, "image_size": image_size, "warmup_epochs": 0, "patience": 0, **(train or {})},
+        "search": {"num_samples": num_samples, "max_concurrent_trials": 1,
+                   "space": {"lr": {"low": 0.005, "high": 0.02}, "batch_size": [2, 4],
+                             "score_threshold": {"low": score_threshold[0], "high": score_threshold[1]}}},
+        "resources": {"cpus_per_fold": 1, "gpus_per_fold": 0, "coordinator_cpus": 0},
+    }
+    path.write_text(yaml.safe_dump(config))
     return path
 
 
@@ -109,22 +131,10 @@ def finished_sweep(deepforest_root: Path, tmp_path_factory: pytest.TempPathFacto
     import subprocess
     import sys
 
-    import yaml
-
     root = tmp_path_factory.mktemp("finished_sweep")
-    data = _tiny_sweep_data(deepforest_root, root / "data", num_images=8)
-    config = {
-        "name": "tiny", "storage": str(root), "seed": 0,
-        "data": {"path": str(data), "num_folds": 2, "holdout_fraction": 0.25, "class_balanced_sampling": False},
-        "model": {"arch": "faster_rcnn", "backbone": "mobilenet_v2", "pretrained": False},
-        "train": {"epochs": 2, "image_size": 128, "warmup_epochs": 0, "patience": 0, "eval_batch_size": 4},
-        "search": {"num_samples": 2, "max_concurrent_trials": 1,
-                   "space": {"lr": {"low": 0.005, "high": 0.02}, "batch_size": [2, 4],
-                             "score_threshold": {"low": 0.01, "high": 0.05}}},
-        "resources": {"cpus_per_fold": 1, "gpus_per_fold": 0, "coordinator_cpus": 0},
-    }
-    config_path = root / "sweep.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    data = tiny_sweep_data(deepforest_root, root / "data", num_images=8)
+    config_path = write_tiny_sweep_config(root / "sweep.yaml", name="tiny", data=data, storage=root, num_samples=2,
+                                          epochs=2, image_size=128, train={"eval_batch_size": 4})
     log = root / "sweep.log"
     with log.open("w") as out:
         done = subprocess.run(

@@ -206,3 +206,9 @@ def test_every_trial_of_a_sweep_checkpoints_its_manifest(finished_sweep: Path, t
     drift = [d for d in check_manifest({**first, "dataset": {**first["dataset"], "path": str(edited)}})
              if not d.startswith("git commit")]
     assert len(drift) == 1 and drift[0].startswith("dataset sha256 differs") and data_path.name in drift[0]
+    # So is another split (a trial records the split it trained on, not just a file path).
+    other = Split(holdout=split.holdout, folds=tuple(reversed(split.folds)), seed=split.seed)
+    drift = [d for d in check_manifest({**first, "split": {**first["split"],
+                                                            "path": str(other.to_json(tmp_path / "other.json"))}})
+             if not d.startswith("git commit")]
+    assert drift == [f"split sha256 differs: manifest {split.hash[:12]}, now {other.hash[:12]}"]

@@ -63,7 +63,8 @@ def make_setup(data_path: Path, split_path: Path, *, epochs: int) -> TrialSetup:
         train=TrainConfig(epochs=epochs, image_size=64, batch_size=2, eval_batch_size=2, augment=False,
                           amp=False, warmup_epochs=0.0),
     ).validate()
-    return TrialSetup(base=base, split_path=str(split_path), resources=RESOURCES, keep_best=3)
+    return TrialSetup(base=base, split=Split.from_json(split_path), split_path=str(split_path), resources=RESOURCES,
+                      keep_best=3)
 
 
 class RemoveFoldNode(tune.Callback):

@@ -167,14 +167,15 @@ def test_experiment_folder_rules(tmp_path, coco_json):
 
     cfg = sweep_config_from_dict(demo_dict(coco_json))
     named = new_experiment_dir(cfg, storage=str(tmp_path), name="exp")
-    assert named == tmp_path.resolve() / "exp"
-    stamped = new_experiment_dir(cfg, storage=str(tmp_path))
+    assert named.local == tmp_path.resolve() / "exp" and named.uri is None
+    stamped = new_experiment_dir(cfg, storage=str(tmp_path)).local
     assert stamped.parent == tmp_path.resolve() and stamped.name.startswith("demo-")  # demo-YYYYmmdd-HHMMSS
-    (named / TUNE_DIR).mkdir(parents=True)
+    (named.local / TUNE_DIR).mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"already holds a sweep; continue it with `detsweep resume"):
         new_experiment_dir(cfg, storage=str(tmp_path), name="exp")
-    with pytest.raises(ConfigError, match="`storage` 's3://bucket/x'"):
-        new_experiment_dir(cfg, storage="s3://bucket/x", name="exp")
+    with pytest.raises(ConfigError, match="`--name` must be a folder name"):
+        new_experiment_dir(cfg, storage=str(tmp_path), name="a/b")
+    # URIs (S3 and others): tests/test_search_s3.py
 
 
 def test_status_of_a_sweep_that_has_not_started(tmp_path, coco_json, capsys):

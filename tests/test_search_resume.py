@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,44 +18,19 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
+from conftest import tiny_sweep_data, write_tiny_sweep_config
 from search.tuner import OPTUNA_DB, SPLIT_JSON, SWEEP_YAML, TUNE_DIR, optuna_storage_url, sweep_status
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES, EPOCHS = 3, 2
 
 
-def subset_coco(root: Path, out: Path, *, num_images: int) -> Path:
-    """The first `num_images` annotated DeepForest training tiles as one COCO file (images copied beside it)."""
-    source = root / "train" / "_annotations.coco.json"
-    coco = json.loads(source.read_text())
-    annotated = sorted({a["image_id"] for a in coco["annotations"]})[:num_images]
-    images = [im for im in coco["images"] if im["id"] in annotated]
-    out.mkdir(parents=True)
-    for im in images:
-        shutil.copy(source.parent / im["file_name"], out / im["file_name"])
-    subset = {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in annotated]}
-    path = out / "annotations.json"
-    path.write_text(json.dumps(subset))
-    return path
-
-
 def write_config(tmp_path: Path, data_path: Path) -> Path:
-    config = {
-        "name": "resume", "storage": str(tmp_path / "experiments"), "seed": 0,
-        "data": {"path": str(data_path), "num_folds": 2, "holdout_fraction": 0.25, "class_balanced_sampling": False},
-        "model": {"arch": "faster_rcnn", "backbone": "mobilenet_v2", "pretrained": False, "kmeans_anchors": False},
-        "train": {"epochs": EPOCHS, "image_size": 64, "warmup_epochs": 0, "patience": 0, "augment": False,
-                  "eval_batch_size": 4},
-        "search": {"num_samples": NUM_SAMPLES, "max_concurrent_trials": 1,
-                   "space": {"lr": {"low": 0.005, "high": 0.02}, "batch_size": [2, 4],
-                             "score_threshold": {"low": 0.2, "high": 0.4}}},
-        "resources": {"cpus_per_fold": 1, "gpus_per_fold": 0, "coordinator_cpus": 0},
-    }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_tiny_sweep_config(tmp_path / "sweep.yaml", name="resume", data=data_path,
+                                   storage=tmp_path / "experiments", num_samples=NUM_SAMPLES, epochs=EPOCHS,
+                                   image_size=64, score_threshold=(0.2, 0.4), model={"kmeans_anchors": False},
+                                   train={"augment": False, "eval_batch_size": 4})
 
 
 def result_rows(trial_dir: Path) -> list[dict]:
@@ -92,7 +66,7 @@ def cli(*args: str) -> list[str]:
 
 @pytest.mark.slow
 def test_killed_driver_then_resume_completes_without_duplicate_work(tmp_path, deepforest_root):
-    config = write_config(tmp_path, subset_coco(deepforest_root, tmp_path / "data", num_images=8))
+    config = write_config(tmp_path, tiny_sweep_data(deepforest_root, tmp_path / "data", num_images=8))
     experiment = tmp_path / "experiments" / "exp"
     tune_dir = experiment / TUNE_DIR
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

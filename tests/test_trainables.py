@@ -131,8 +131,8 @@ def test_trial_resources_rejects(num_folds: int, resources: ResourcesConfig, nam
 
 def test_trial_setup_rejects_keep_best_0(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="keep_best >= 1"):
-        TrialSetup(base=ExperimentConfig(), split_path=str(tmp_path / "split.json"), resources=ResourcesConfig(),
-                   keep_best=0)
+        TrialSetup(base=ExperimentConfig(), split=TINY_SPLIT,
+                   split_path=str(tmp_path / "split.json"), resources=ResourcesConfig(), keep_best=0)
 
 
 # ----------------------------------------------------------------------------------- fold metrics

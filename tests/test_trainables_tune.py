@@ -41,12 +41,12 @@ def make_setup(data_path: Path, split: Split, folder: Path, **train: Any) -> Tri
         train=TrainConfig(**{"image_size": 64, "eval_batch_size": 2, "augment": False, "amp": False,
                              "warmup_epochs": 0.0, **train}),
     ).validate()
-    return TrialSetup(base=base, split_path=str(split.to_json(folder / "split.json")), resources=RESOURCES)
+    return TrialSetup(base=base, split=split, split_path=str(split.to_json(folder / "split.json")), resources=RESOURCES)
 
 
 def fit(setup: TrialSetup, storage: Path, param_space: dict, *, max_failures: int = 0,
         callbacks: list | None = None) -> tune.ResultGrid:
-    num_folds = Split.from_json(setup.split_path).num_folds
+    num_folds = setup.split.num_folds
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
                                     trial_resources(num_folds, setup.resources))
     return tune.Tuner(

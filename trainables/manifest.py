@@ -8,7 +8,7 @@ report, `export-best` and a later reader can tell whether a rerun would see the 
       "format": 1,
       "created": "2026-01-01T00:00:00+00:00",
       "dataset": {"path": ..., "sha256": <over the annotation JSON files>, "files": {<name>: <sha256>}},
-      "split": {"path": ..., "sha256": <Split.hash>, "file_sha256": <sha256 of split.json's bytes>},
+      "split": {"path": ..., "sha256": <Split.hash>, "file_sha256": <sha256 of split.json's bytes, when read from it>},
       "seeds": {...},
       "packages": {"python": "3.11.2", "torch": "2.14.1", ..., <missing package>: null},
       "git": {"commit": <40 hex> | null, "dirty": true | false | null},
@@ -160,26 +160,33 @@ def build_trial_manifest(
     split_path: str | Path,
     seeds: Mapping[str, Any],
     config: Any,
+    split: Split | None = None,
 ) -> dict[str, Any]:
     """The manifest as a JSON-ready dict (see the module docstring for its fields).
 
     Args:
         dataset_path: what `data.path` names: a COCO .json file or a Roboflow export folder.
-        split_path: the experiment's `split.json` (`detection.data.splits.Split.to_json`).
+        split_path: the experiment's `split.json` (`detection.data.splits.Split.to_json`), read unless
+            `split` is given; then only recorded (it may be a URI, e.g. `s3://.../split.json`).
         seeds: every seed the trial used, e.g. `{"seed": 0, "folds": [0, 1, 2]}`.
         config: the trial's training config (an `ExperimentConfig` or its `to_dict()`).
+        split: the split itself, when the trial has it in memory (`file_sha256` is then left out).
 
     Raises:
         DatasetError: when the dataset's annotation files or the split file cannot be read.
     """
     dataset_digest, files = dataset_sha256(dataset_path)
-    split = Split.from_json(split_path)  # checks the file's recorded hash too
+    if split is None:
+        split = Split.from_json(split_path)  # checks the file's recorded hash too
+        split_record = {"path": str(Path(split_path).resolve()), "sha256": split.hash,
+                        "file_sha256": file_sha256(split_path)}
+    else:
+        split_record = {"path": str(split_path), "sha256": split.hash}
     return {
         "format": MANIFEST_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dataset": {"path": str(Path(dataset_path).resolve()), "sha256": dataset_digest, "files": files},
-        "split": {"path": str(Path(split_path).resolve()), "sha256": split.hash,
-                  "file_sha256": file_sha256(split_path)},
+        "split": split_record,
         "seeds": json.loads(json.dumps(dict(seeds), default=str)),
         "packages": package_versions(),
         "git": git_state(),

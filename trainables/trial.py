@@ -129,12 +129,14 @@ class TrialSetup:
     Attributes:
         base: the training config each trial starts from (`data.path` absolute: workers on other
             nodes read it).
-        split_path: the experiment's `split.json` (readable on every node: shared storage).
+        split: the experiment's folds and held-out images (shipped with the setup: no node reads a file).
+        split_path: where the experiment keeps `split.json` (a path or URI), recorded in manifests.
         resources: CPUs/GPUs per fold and for the coordinator (must match `trial_resources`).
         keep_best: how many fold models a checkpoint keeps (best epoch of each fold, then the top folds).
     """
 
     base: ExperimentConfig
+    split: Split
     split_path: str
     resources: FoldResources
     keep_best: int = 3
@@ -352,7 +354,7 @@ class _Trial:
         self.params = dict(params)
         self.setup = setup
         self.config = apply_trial_params(setup.base, params)
-        self.split = Split.from_json(setup.split_path)
+        self.split = setup.split
         self.num_folds = self.split.num_folds
         context = tune.get_context()
         self.trial_id = context.get_trial_id() or "trial"
@@ -375,7 +377,7 @@ class _Trial:
         self.resumed_epoch = 0  # the epoch of the checkpoint this run started from (0: a fresh trial)
         self.stopped = False  # every fold's early stopping has fired
         self.manifest = build_trial_manifest(
-            dataset_path=self.config.data.path, split_path=setup.split_path,
+            dataset_path=self.config.data.path, split_path=setup.split_path, split=self.split,
             seeds={"seed": self.config.seed, "split": self.split.seed}, config=self.config,
         )
 
