@@ -210,9 +210,19 @@ def _finish(tuner, experiment, *, config, ensemble: bool) -> int:
             _write_report(experiment_dir)
     finally:
         ray.shutdown()
-        experiment.push()
+        _push(experiment)
     _say(f"experiment: {experiment}")
     return 0
+
+
+def _push(experiment) -> None:
+    """Upload the driver's files of a URI experiment; a failed upload is reported, not raised over the
+    sweep's own outcome (the files stay in the local mirror: `detsweep report <uri>` pushes them again)."""
+    try:
+        experiment.push()
+    except OSError:
+        logger.exception("Uploading %s to %s failed; the files are in %s.", experiment.local, experiment.uri,
+                         experiment.local)
 
 
 def _write_report(experiment_dir: Path) -> None:

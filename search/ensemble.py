@@ -361,6 +361,7 @@ class LeaderboardRow:
 
 
 LEADERBOARD_COLUMNS = tuple(LeaderboardRow.__dataclass_fields__)
+MAX_TASKS_IN_FLIGHT = 8  # trials whose models sit in Ray's object store at once (3 models each)
 
 
 def _read_trials(tune_dir: Path) -> list[_TrialInfo]:
@@ -507,14 +508,11 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
 
     ens = config.ensemble
     specs: dict[str, EnsembleSpec] = {}
-    model_bytes: dict[str, list[bytes]] = {}
     failures: dict[str, str] = {}
     for info in trials:
         if info.status == "TERMINATED" and info.checkpoint is not None:
             try:
-                spec = _trial_spec(info, iou_thr=ens.iou_thr, conf_type=ens.conf_type)
-                model_bytes[info.trial_id] = _read_model_files(spec)
-                specs[info.trial_id] = spec
+                specs[info.trial_id] = _trial_spec(info, iou_thr=ens.iou_thr, conf_type=ens.conf_type)
             except EnsembleError as error:
                 failures[info.trial_id] = str(error)
                 logger.warning("trial %s is not ensembled: %s", info.trial_id, error)
@@ -526,15 +524,31 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
     results: dict[str, dict[str, Any]] = {}
     try:
         task = ray.remote(_evaluate_trial)
-        # One task per trial, named so that the dashboard shows which trial each one is.
-        refs = {trial_id: task.options(num_cpus=ens.cpus, num_gpus=ens.gpus, max_retries=1,
-                                       name=f"ensemble/{trial_id}").remote(
+        waiting = list(specs.items())
+        running: dict[Any, str] = {}
+        while waiting or running:
+            # The driver reads a trial's model files just before its task starts, and keeps a bounded number
+            # of tasks (and their models in the object store) in flight.
+            while waiting and len(running) < MAX_TASKS_IN_FLIGHT:
+                trial_id, spec = waiting.pop(0)
+                try:
+                    model_bytes = _read_model_files(spec)
+                except EnsembleError as error:
+                    failures[trial_id] = str(error)
+                    logger.warning("trial %s is not ensembled: %s", trial_id, error)
+                    continue
+                # One task per trial, named so that the dashboard shows which trial each one is.
+                ref = task.options(num_cpus=ens.cpus, num_gpus=ens.gpus, max_retries=1,
+                                   name=f"ensemble/{trial_id}").remote(
                     spec, data_path=config.data.path, filter_empty=config.data.filter_empty, split=split,
-                    batch_size=config.train.eval_batch_size, model_bytes=model_bytes[trial_id])
-                for trial_id, spec in specs.items()}
-        for trial_id, ref in refs.items():
+                    batch_size=config.train.eval_batch_size, model_bytes=model_bytes)
+                running[ref] = trial_id
+            if not running:
+                break
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            trial_id = running.pop(done)
             try:
-                results[trial_id] = ray.get(ref)
+                results[trial_id] = ray.get(done)
             except ray.exceptions.RayError as error:  # one bad trial does not sink the job
                 failures[trial_id] = _one_line(error)
                 logger.warning("trial %s: the ensemble task failed: %s", trial_id, failures[trial_id])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ __all__ = ["CACHE_ENV", "Experiment", "is_uri", "join_uri", "mirror_dir", "pull"
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "DETSWEEP_CACHE"  # root of the local mirrors (default ~/.cache/detsweep)
+SYNCED = ".detsweep-synced.json"  # in a mirror: size and mtime of each file when the URI last matched it
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -77,6 +79,7 @@ def pull(uri: str, local: Path, *, exclude: tuple[str, ...] = ()) -> int:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as error:
         raise OSError(f"{uri}: cannot list the experiment ({error}).") from error
+    record = _read_record(local)
     copied = 0
     for info in infos:
         if info.type != pyarrow.fs.FileType.File:
@@ -86,37 +89,62 @@ def pull(uri: str, local: Path, *, exclude: tuple[str, ...] = ()) -> int:
             continue
         target = local / relative
         mtime = info.mtime.timestamp() if info.mtime is not None else None
-        if target.is_file() and target.stat().st_size == info.size and mtime is not None \
-                and abs(target.stat().st_mtime - mtime) < 1e-3:
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        with fs.open_input_stream(info.path) as source, open(tmp, "wb") as sink:
-            while chunk := source.read(1 << 22):
-                sink.write(chunk)
-        tmp.replace(target)
-        if mtime is not None:
-            os.utime(target, (mtime, mtime))
-        copied += 1
+        if not (target.is_file() and target.stat().st_size == info.size and mtime is not None
+                and abs(target.stat().st_mtime - mtime) < 1e-3):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+            with fs.open_input_stream(info.path) as source, open(tmp, "wb") as sink:
+                while chunk := source.read(1 << 22):
+                    sink.write(chunk)
+            tmp.replace(target)
+            if mtime is not None:
+                os.utime(target, (mtime, mtime))
+            copied += 1
+        record[relative] = [target.stat().st_size, target.stat().st_mtime_ns]  # the URI holds this version
+    _write_record(local, record)
     return copied
 
 
+def _read_record(local: Path) -> dict[str, list[int]]:
+    path = Path(local) / SYNCED
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_record(local: Path, record: dict[str, list[int]]) -> None:
+    Path(local).mkdir(parents=True, exist_ok=True)
+    (Path(local) / SYNCED).write_text(json.dumps(record))
+
+
+
+
 def push(local: Path, uri: str, *, exclude: tuple[str, ...] = ()) -> int:
-    """Upload every file under `local` (but paths matching `exclude`) to `uri`. Returns files uploaded."""
+    """Upload the files under `local` (but paths matching `exclude`) to `uri`, skipping files that have not
+    changed since this mirror last uploaded them and that the URI still holds. Returns files uploaded."""
     import pyarrow.fs
 
     fs, root = _filesystem(uri)
+    remote = {
+        info.path[len(root):].lstrip("/"): info.size
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+        if info.type == pyarrow.fs.FileType.File
+    }
+    record = _read_record(local)
     uploaded = 0
     for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
         relative = path.relative_to(local).as_posix()
-        if _excluded(relative, exclude) or path.name.endswith(".part"):
+        if _excluded(relative, exclude) or path.name.endswith(".part") or relative == SYNCED:
+            continue
+        stat = path.stat()
+        if record.get(relative) == [stat.st_size, stat.st_mtime_ns] and remote.get(relative) == stat.st_size:
             continue
         if isinstance(fs, pyarrow.fs.LocalFileSystem):  # object stores have no folders to make
             fs.create_dir(f"{root}/{relative}".rsplit("/", 1)[0], recursive=True)
         with open(path, "rb") as source, fs.open_output_stream(f"{root}/{relative}") as sink:
             while chunk := source.read(1 << 22):
                 sink.write(chunk)
+        record[relative] = [stat.st_size, stat.st_mtime_ns]
         uploaded += 1
+    _write_record(local, record)
     return uploaded
 
 
