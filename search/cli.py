@@ -3,7 +3,6 @@
     detsweep sweep  [--config X.yaml] [--address auto] [--storage PATH_OR_URI] [--name NAME] [--smoke-test]
     detsweep resume PATH [--retry-errored]
     detsweep status PATH
-    detsweep ensemble PATH
     detsweep report PATH
     detsweep predict --ensemble PATH/best_ensemble.json INPUT... --out preds.json [--draw DIR]
     detsweep export-best PATH --out best.yaml
@@ -189,7 +188,8 @@ def _finish(tuner, experiment, *, config, ensemble: bool) -> int:
     experiment_dir = experiment.local
     try:
         results = tuner.fit()
-        experiment.pull()
+        # The ensemble job reads the trials' best models; without it, results and trial states suffice.
+        experiment.pull(exclude=("folds",) if ensemble else ("checkpoint_*",))
         rows = sweep_status(experiment_dir)
         _say("\n" + format_status(rows, num_samples=config.search.num_samples))
         unfinished = [r for r in rows if r.status not in ("TERMINATED", "ERROR")]

@@ -75,16 +75,13 @@ def read_trial_manifest(trial_dir: str | Path) -> dict[str, Any] | None:
 def _split_hash(location: str) -> str:
     """`Split.hash` of the split.json at a path or URI (an experiment on S3 keeps it there)."""
     from detection.data.splits import Split
-    from search.storage import is_uri
+    from search.storage import is_uri, read_bytes
 
     if not is_uri(location):
         return Split.from_json(location).hash
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(location)
-    with tempfile.TemporaryDirectory() as tmp, fs.open_input_stream(path) as source:
+    with tempfile.TemporaryDirectory() as tmp:  # Split.from_json reads (and checks) a file
         local = Path(tmp) / "split.json"
-        local.write_bytes(source.read())
+        local.write_bytes(read_bytes(location))
         return Split.from_json(local).hash
 
 

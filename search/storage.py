@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 if TYPE_CHECKING:
     import pyarrow.fs
 
-__all__ = ["CACHE_ENV", "Experiment", "is_uri", "join_uri", "mirror_dir", "pull", "push"]
+__all__ = ["CACHE_ENV", "Experiment", "exists", "is_uri", "join_uri", "mirror_dir", "pull", "push", "read_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,21 @@ def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     import pyarrow.fs
 
     return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def exists(uri: str) -> bool:
+    """Whether a file or folder (a key prefix in an object store) exists at `uri`."""
+    import pyarrow.fs
+
+    fs, path = _filesystem(uri)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    """The content of the file at `uri`."""
+    fs, path = _filesystem(uri)
+    with fs.open_input_stream(path) as source:
+        return source.read()
 
 
 def mirror_dir(uri: str) -> Path:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from detection.config import ConfigError
 from search.config import SweepConfig, load_sweep_config
 from search.space import build_search_space
-from search.storage import Experiment, is_uri, join_uri
+from search.storage import Experiment, exists, is_uri, join_uri
 
 if TYPE_CHECKING:
     from ray import tune
@@ -82,7 +82,7 @@ def new_experiment_dir(config: SweepConfig, *, storage: str | None = None, name:
     if is_uri(storage):
         experiment = Experiment.at(join_uri(storage, folder))
         try:
-            taken = _uri_exists(experiment.join(TUNE_DIR))
+            taken = exists(experiment.join(TUNE_DIR))
         except (OSError, ValueError) as error:  # pyarrow: unknown scheme, bad options, no access
             raise ConfigError(f"`storage` {storage!r}: cannot use this URI ({error}).") from error
     else:
@@ -94,13 +94,6 @@ def new_experiment_dir(config: SweepConfig, *, storage: str | None = None, name:
     if experiment.uri and experiment.local.exists():
         shutil.rmtree(experiment.local)  # a stale mirror of an earlier experiment at this URI
     return experiment
-
-
-def _uri_exists(uri: str) -> bool:
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
 def prepare_experiment(config: SweepConfig, *, experiment_dir: Path) -> Path:

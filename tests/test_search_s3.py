@@ -26,7 +26,7 @@ import yaml
 from conftest import tiny_sweep_data, write_tiny_sweep_config
 from detection.config import ConfigError
 from search.cli import main
-from search.storage import CACHE_ENV, Experiment, join_uri, mirror_dir, pull, push
+from search.storage import CACHE_ENV, Experiment, join_uri, mirror_dir, pull, push, read_bytes
 
 PROJECT = Path(__file__).resolve().parents[1]
 BUCKET = "sweeps"
@@ -77,9 +77,7 @@ def _keys(uri: str) -> set[str]:
 
 
 def _read(uri: str) -> str:
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode()
+    return read_bytes(uri).decode()
 
 
 # ------------------------------------------------------------------------------------ storage helpers

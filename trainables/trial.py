@@ -457,16 +457,15 @@ class _Trial:
     def _gather(self, k: int, refs: dict[str, Any]) -> dict[str, Any]:
         # In submission order, so that the first failing step is the one reported.
         out = {}
-        for name in ("train", "eval", "state", "model"):
-            if name in refs:
-                try:
-                    out[name] = ray.get(refs[name])
-                except _LOST:
-                    raise
-                except ray.exceptions.RayError as error:
-                    reason = failure_reason(error)
-                    raise TrialFailed(f"fold {k}: {reason} in {name}: {_cause_text(error)}",
-                                      fold=k, reason=reason) from error
+        for name, ref in refs.items():
+            try:
+                out[name] = ray.get(ref)
+            except _LOST:
+                raise
+            except ray.exceptions.RayError as error:
+                reason = failure_reason(error)
+                raise TrialFailed(f"fold {k}: {reason} in {name}: {_cause_text(error)}",
+                                  fold=k, reason=reason) from error
         return out
 
     # -- one epoch -------------------------------------------------------------------------------
