@@ -141,3 +141,23 @@ def test_bad_shapes_are_value_errors():
     with pytest.raises(ValueError, match="topk >= 1"):
         task_aligned_assign(torch.rand(1, 16, 2), torch.rand(1, 16, 4), points, strides,
                             torch.zeros(1, 1, 4), torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool), topk=0)
+
+
+def test_zero_area_prediction_against_a_padded_row_gives_finite_targets():
+    # The `relu` box option can predict distances (0, 0, 0, 0): a zero-area box at its point. A padded
+    # ground-truth row is all zeros, also zero-area, so torchvision's box_iou divides 0 by 0 there (union
+    # 0 + 0 - 0 = 0). That NaN used to reach every soft target through the max over the M boxes.
+    points, strides = _grid_32()
+    pred_boxes = torch.cat([points, points], dim=1).expand(2, 16, 4).clone()  # [2, 16, 4], every box empty
+    scores = torch.full((2, 16, 2), 0.5)
+    gt_boxes = torch.tensor([[[2.0, 2.0, 22.0, 14.0], [10.0, 10.0, 30.0, 30.0]],
+                             [[2.0, 2.0, 22.0, 14.0], [0.0, 0.0, 0.0, 0.0]]])  # image 1: row 1 is padding
+    gt_labels = torch.tensor([[1, 2], [1, 0]])
+    gt_mask = torch.tensor([[True, True], [True, False]])
+    out = task_aligned_assign(scores, pred_boxes, points, strides, gt_boxes, gt_labels, gt_mask, topk=3)
+    assert torch.isfinite(out.scores).all() and torch.isfinite(out.boxes).all()
+    # Every IoU is 0 (empty predictions), so every alignment metric is 0: the boxes still get their
+    # top-3 candidates (positives), with soft targets 0 * 0 / (0 + eps) = 0.
+    assert out.fg_mask.sum(dim=1).tolist() == [6, 3]
+    assert out.scores.abs().sum() == 0
+    assert (out.gt_index[1][out.fg_mask[1]] == 0).all()  # never the padded row

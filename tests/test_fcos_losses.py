@@ -128,3 +128,19 @@ def test_compute_loss_rejects_bad_settings():
         ComputeLoss(box_weight=-1.0)
     with pytest.raises(ValueError, match="topk >= 1"):
         ComputeLoss(topk=0)
+
+
+def test_compute_loss_relu_zero_distances_with_a_padded_row_is_finite():
+    # relu distances of 0 (zero-area boxes) in a batch whose second image pads its ground truth.
+    from detection.models.fcos_tal import make_points
+
+    points, strides = make_points([(4, 4)], [8])
+    distances = torch.zeros(2, 16, 4, requires_grad=True)
+    cls_logits = torch.zeros(2, 16, 2, requires_grad=True)
+    quality = torch.zeros(2, 16, requires_grad=True)
+    targets = [{"boxes": torch.tensor([[2.0, 2.0, 22.0, 14.0], [10.0, 10.0, 30.0, 30.0]]), "labels": torch.tensor([1, 2])},
+               {"boxes": torch.tensor([[2.0, 2.0, 22.0, 14.0]]), "labels": torch.tensor([1])}]
+    losses = ComputeLoss(topk=3)(cls_logits, distances, quality, points, strides, targets)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (distances, cls_logits, quality))

@@ -138,6 +138,9 @@ def task_aligned_assign(
         candidates &= gt_mask[:, :, None]  # [B, M, A]
 
         ious = torch.stack([box_iou(gt_boxes[b], pred_boxes[b]) for b in range(batch)])  # [B, M, A]
+        # A zero-area prediction (the `relu` box option can predict 0, 0, 0, 0) against a zero-area row (an
+        # all-zero padding row) is 0 / 0 in box_iou: no overlap, so IoU 0. Padding rows never count anyway.
+        ious = ious.nan_to_num(nan=0.0) * gt_mask[:, :, None]
         class_index = (gt_labels.long() - 1).clamp(0, num_classes - 1)  # padding rows: any valid column
         scores = pred_scores.transpose(1, 2).gather(1, class_index[:, :, None].expand(-1, -1, num_points))
         metric = scores.pow(alpha) * ious.pow(beta)  # [B, M, A]
