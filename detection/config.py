@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
+VERIFY_MODES = ("header", "decode")  # data.verify
+ON_BAD_IMAGE = ("error", "skip")  # data.on_bad_image
 
 
 class ConfigError(ValueError):
@@ -32,9 +34,16 @@ class DataConfig:
     class_balanced_sampling: bool = True  # LVIS repeat-factor sampling of rare-class images
     repeat_threshold: float = 0.3  # RFS threshold t: classes in fewer than t of the images repeat
     num_workers: int = 0  # DataLoader workers per fold
+    # Every image is checked before a sweep (detection/data/verify.py): "header" reads its size and end
+    # marker (JPEG EOI, PNG IEND), "decode" decodes it whole (formats without an end marker).
+    verify: str = "header"
+    on_bad_image: str = "error"  # error: stop and list every bad file; skip: leave them out of the split
 
     def validate(self, where: str) -> None:
         _check(self.num_folds >= 2, where, "data.num_folds", f"an integer >= 2, got {self.num_folds}")
+        _check(self.verify in VERIFY_MODES, where, "data.verify", f"one of {list(VERIFY_MODES)}, got {self.verify!r}")
+        _check(self.on_bad_image in ON_BAD_IMAGE, where, "data.on_bad_image",
+               f"one of {list(ON_BAD_IMAGE)}, got {self.on_bad_image!r}")
         _check(0.0 <= self.holdout_fraction < 1.0, where, "data.holdout_fraction",
                f"a number in [0, 1), got {self.holdout_fraction}")
         _check(self.repeat_threshold > 0.0, where, "data.repeat_threshold", f"> 0, got {self.repeat_threshold}")

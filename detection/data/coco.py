@@ -71,6 +71,25 @@ class ImageRecord:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class BoxStats:
+    """What `load_dataset` did to the annotations' boxes and images.
+
+    Attributes:
+        kept: boxes in the index.
+        clipped: kept boxes that reached outside the image and were clipped to it.
+        dropped: reason -> boxes left out: "negative width or height" (a bbox [x, y, w, h] with w < 0 or
+            h < 0), "zero width or height" (w == 0 or h == 0), "outside the image" (no area left after
+            clipping to the image).
+        images_filtered: images left out because they have no box (``filter_empty=True``).
+    """
+
+    kept: int = 0
+    clipped: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    images_filtered: int = 0
+
+
 @dataclass(frozen=True, eq=False)
 class CocoIndex:
     """All images of a dataset. ``images[i].image_id == i``.
@@ -82,6 +101,8 @@ class CocoIndex:
     class_names: tuple[str, ...]
     category_ids: tuple[int, ...]
     root: Path | None = None
+    # What loading did to the annotations (see `BoxStats`); the driver's load summary prints it.
+    box_stats: BoxStats = field(default_factory=BoxStats)
 
     def __post_init__(self) -> None:
         for position, record in enumerate(self.images):
@@ -174,18 +195,20 @@ def load_dataset(path: str | Path, *, filter_empty: bool = True) -> CocoIndex:
     class_names = tuple(categories[c]["name"] for c in category_ids)
 
     records: list[ImageRecord] = []
-    num_dropped_boxes = num_empty = 0
+    dropped: Counter[str] = Counter()
+    num_clipped = num_empty = 0
     for coco_file in files:
-        file_records, dropped = _build_records(coco_file, label_of)
-        num_dropped_boxes += dropped
+        file_records, file_dropped, clipped = _build_records(coco_file, label_of)
+        dropped.update(file_dropped)
+        num_clipped += clipped
         for record in file_records:
             if filter_empty and len(record.boxes) == 0:
                 num_empty += 1
                 continue
             records.append(record)
-    if num_dropped_boxes:
-        logger.warning("%s: dropped %d boxes with zero width or height after clipping to the image.",
-                       path, num_dropped_boxes)
+    if dropped:
+        logger.warning("%s: dropped %d boxes (%s).", path, sum(dropped.values()),
+                    ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items())))
     if num_empty:
         logger.info("%s: filtered %d images without annotations (filter_empty=True).", path, num_empty)
 
@@ -199,8 +222,10 @@ def load_dataset(path: str | Path, *, filter_empty: bool = True) -> CocoIndex:
         )
     # Renumber to global ids 0..N-1: Roboflow splits each number their images from 0.
     images = tuple(_renumber(record, new_id) for new_id, record in enumerate(records))
+    box_stats = BoxStats(kept=sum(len(r.boxes) for r in images), clipped=num_clipped,
+                         dropped=dict(sorted(dropped.items())), images_filtered=num_empty)
     return CocoIndex(images=images, class_names=class_names, category_ids=category_ids,
-                     root=path if path.is_dir() else path.parent)
+                     root=path if path.is_dir() else path.parent, box_stats=box_stats)
 
 
 def _find_files(path: Path) -> list[tuple[Path, str, str | None]]:
@@ -312,8 +337,9 @@ def _merge_categories(files: list[_CocoFile]) -> dict[int, dict[str, Any]]:
     return kept
 
 
-def _build_records(coco_file: _CocoFile, label_of: dict[int, int]) -> tuple[list[ImageRecord], int]:
-    """Records with validated, clipped boxes (image ids still the file's); returns them and #dropped boxes."""
+def _build_records(coco_file: _CocoFile, label_of: dict[int, int]) -> tuple[list[ImageRecord], Counter[str], int]:
+    """Records with validated, clipped boxes (image ids still the file's); returns them, the dropped boxes
+    per reason (see `BoxStats.dropped`) and the number of kept boxes that were clipped."""
     path = coco_file.path
     images = {image["id"]: image for image in coco_file.images}
     per_image: dict[Any, list[tuple[list[float], int, int]]] = defaultdict(list)
@@ -340,7 +366,7 @@ def _build_records(coco_file: _CocoFile, label_of: dict[int, int]) -> tuple[list
             )
         per_image[image_id].append((bbox, label_of[category_id], int(bool(annotation.get("iscrowd", 0)))))
 
-    records, dropped = [], 0
+    records, dropped, clipped = [], Counter(), 0
     for image_id, image in images.items():
         file_name = str(image["file_name"])
         image_path = path.parent / file_name
@@ -353,11 +379,16 @@ def _build_records(coco_file: _CocoFile, label_of: dict[int, int]) -> tuple[list
         entries = per_image.get(image_id, [])
         xywh = np.array([e[0] for e in entries], dtype=np.float64).reshape(-1, 4)
         # COCO [x, y, w, h] -> xyxy absolute, clipped to the image.
-        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        unclipped = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        boxes = unclipped.copy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        dropped += int((~keep).sum())
+        negative = (xywh[:, 2:] < 0).any(axis=1)
+        zero = ~negative & (xywh[:, 2:] == 0).any(axis=1)
+        dropped.update({"negative width or height": int(negative.sum()), "zero width or height": int(zero.sum()),
+                        "outside the image": int((~keep & ~negative & ~zero).sum())})
+        clipped += int((keep & (boxes != unclipped).any(axis=1)).sum())
         records.append(ImageRecord(
             image_id=-1,
             path=image_path,
@@ -369,7 +400,7 @@ def _build_records(coco_file: _CocoFile, label_of: dict[int, int]) -> tuple[list
             split=coco_file.split,
             source=f"{coco_file.display}#{image_id}",
         ))
-    return records, dropped
+    return records, +dropped, clipped  # unary + drops the zero counts
 
 
 def _renumber(record: ImageRecord, image_id: int) -> ImageRecord:
