@@ -128,7 +128,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]
 def bench_backbone(backbone: str, tiles: list, class_names: Sequence[str], args, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build_detector(arch=args.arch, backbone=backbone, num_classes=len(class_names),
-                           image_size=args.size, pretrained=False).to(device)
+                           image_size=args.size, start="none").to(device)
     # One optimizer for both loops: only the loop differs. A small LR keeps the weights sane.
     optimizer = build_optimizer(model, name="sgd", lr=1e-3, weight_decay=1e-4, momentum=0.9)
     scheduler = build_warmup_cosine_scheduler(optimizer, warmup_iters=0, total_iters=10**6)

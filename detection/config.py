@@ -54,8 +54,14 @@ class DataConfig:
 class ModelConfig:
     arch: str = "faster_rcnn"  # faster_rcnn | fcos_tal
     backbone: str = "mobilenet_v2"  # a key of detection.models.backbones.BACKBONES (or a timm name for fcos_tal)
-    pretrained: bool = True
-    weights_path: str | None = None  # local file that overrides torchvision/timm's download
+    # Where the weights start from: detection (a COCO detector of this arch/backbone, box predictor replaced),
+    # backbone (ImageNet backbone weights), none (random), or auto: detection where a checkpoint exists
+    # (detection.models.weights.DETECTION_CHECKPOINTS: faster_rcnn/resnet50_fpn), else backbone.
+    start: str = "auto"
+    # Local file that overrides torchvision/timm's cache and download: a full detection state dict for a
+    # detection start, the backbone's classification state dict for a backbone start.
+    weights_path: str | None = None
+    pretrained: bool | None = None  # deprecated alias of `start`, read from old YAML: true = auto, false = none
     kmeans_anchors: bool = True  # Faster R-CNN anchors from k-means over the training boxes
     trainable_layers: int = 3
     freeze_backbone_epochs: int = 0  # fcos_tal: backbone frozen for this many epochs, then unfrozen
@@ -64,10 +70,28 @@ class ModelConfig:
     roi_batch_size_per_image: int = 512
     rpn_post_nms_top_n_train: int = 2000
 
+    def __post_init__(self) -> None:
+        if self.pretrained is None:
+            return
+        start = "auto" if self.pretrained else "none"
+        if self.start not in ("auto", start):
+            raise ConfigError(f"`model.pretrained: {str(self.pretrained).lower()}` (deprecated: `model.start`) "
+                              f"contradicts `model.start: {self.start}`; keep only `model.start`.")
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "pretrained", None)  # read once: `start` is the one key from here on
+
     def validate(self, where: str) -> None:
         from detection.models.factory import ARCHS
+        from detection.models.weights import AUTO_START, STARTS, resolve_start
 
         _check(self.arch in ARCHS, where, "model.arch", f"one of {list(ARCHS)}, got {self.arch!r}")
+        _check(self.start in (AUTO_START, *STARTS), where, "model.start",
+               f"one of {[AUTO_START, *STARTS]}, got {self.start!r}")
+        if self.start == "detection":
+            try:
+                resolve_start(self.arch, self.backbone, self.start)
+            except ValueError as err:
+                raise ConfigError(f"{where}: `model.start`: {err}") from None
         _check(0 <= self.trainable_layers <= 5, where, "model.trainable_layers",
                f"an integer in [0, 5], got {self.trainable_layers}")
         _check(self.freeze_backbone_epochs >= 0, where, "model.freeze_backbone_epochs",
@@ -79,6 +103,8 @@ class ModelConfig:
         if self.weights_path is not None:
             _check(Path(self.weights_path).is_file(), where, "model.weights_path",
                    f"an existing file, got {self.weights_path!r}")
+            _check(self.start != "none", where, "model.weights_path",
+                   "null with `model.start: none` (a random start reads no weights file)")
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ class FoldTrainer:
             backbone=model_cfg.backbone,
             num_classes=len(index.class_names),
             image_size=train_cfg.image_size,
-            pretrained=model_cfg.pretrained,
+            start=model_cfg.start,
             weights_path=model_cfg.weights_path,
             anchor_shapes=anchor_shapes,
             trainable_layers=model_cfg.trainable_layers,

@@ -329,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"detsweep {args.command}: error: {error}\n")
     except ValueError as error:
         from detection.data.coco import DatasetError
+        from detection.models.weights import StartError, WeightsNotFoundError
 
-        if isinstance(error, DatasetError):
+        if isinstance(error, (DatasetError, StartError, WeightsNotFoundError)):
             parser.exit(2, f"detsweep {args.command}: error: {error}\n")
         raise
 

@@ -3,7 +3,7 @@
 For every trial that Tune finished (status TERMINATED, with a checkpoint) the job
 
 1. reads the checkpoint's `trial.json` and `best/best.json` (its `keep_best` best fold models, best first),
-2. rebuilds those models (`build_detector(..., pretrained=False)` + the saved state dict; Faster R-CNN's
+2. rebuilds those models (`build_detector(..., start="none")` + the saved state dict; Faster R-CNN's
    k-means anchor shapes come back from the state dict),
 3. predicts the held-out images of `split.json` at full resolution (the models resize internally and
    answer in each image's own pixels, `xyxy absolute`),
@@ -182,7 +182,7 @@ _SPEC_KEYS = {"trial_id", "arch", "backbone", "num_classes", "image_size", "clas
 
 def build_ensemble_models(spec: EnsembleSpec, *, device: str | torch.device,
                           model_bytes: Sequence[bytes] | None = None) -> list[nn.Module]:
-    """The spec's models in eval mode on `device`, each built with `pretrained=False` and loaded from its file
+    """The spec's models in eval mode on `device`, each built with `start="none"` and loaded from its file
     (or from `model_bytes[i]`, the file's content, when the caller read the files: a Ray task on another node).
 
     Faster R-CNN's k-means anchor shapes live in its state dict (`rpn.anchor_generator.source_shapes`) and
@@ -205,7 +205,7 @@ def build_ensemble_models(spec: EnsembleSpec, *, device: str | torch.device,
                                     f"fold {entry.fold}) not found.")
             state = torch.load(path, map_location="cpu", weights_only=True)
         model = build_detector(arch=spec.arch, backbone=spec.backbone, num_classes=spec.num_classes,
-                               image_size=spec.image_size, pretrained=False,
+                               image_size=spec.image_size, start="none",
                                anchor_shapes=anchor_shapes_from_state_dict(state))
         model.load_state_dict(state)
         models.append(model.to(device).eval())

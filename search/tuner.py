@@ -99,11 +99,15 @@ def new_experiment_dir(config: SweepConfig, *, storage: str | None = None, name:
 def prepare_experiment(config: SweepConfig, *, experiment_dir: Path) -> Path:
     """Index the dataset, make the split once and write `sweep.yaml` and `split.json`. Runs before Ray.
 
-    Returns the path of `split.json`. Raises `detection.data.coco.DatasetError` on a malformed dataset.
+    Returns the path of `split.json`. Raises `detection.data.coco.DatasetError` on a malformed dataset, and
+    `detection.models.weights.WeightsNotFoundError` / `StartError` when a detector's start cannot be had here.
     """
     from detection.data.coco import load_dataset
     from detection.data.splits import make_split
+    from detection.models.weights import check_start_available
 
+    for choice in config.detectors:  # weights that cannot be had stop the sweep here, not in every fold worker
+        check_start_available(choice.arch, choice.backbone, config.model.start, config.model.weights_path)
     index = load_dataset(config.data.path, filter_empty=config.data.filter_empty)
     split = make_split(index, num_folds=config.data.num_folds, holdout_fraction=config.data.holdout_fraction,
                        seed=config.seed)

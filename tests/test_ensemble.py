@@ -247,7 +247,7 @@ def test_errored_trial_is_listed_with_its_error_and_not_ensembled(deepforest_roo
     config = {
         "name": "errored", "storage": str(tmp_path), "seed": 0,
         "data": {"path": str(deepforest_root), "num_folds": 2, "class_balanced_sampling": False},
-        "model": {"arch": "faster_rcnn", "backbone": "mobilenet_v2", "pretrained": False,
+        "model": {"arch": "faster_rcnn", "backbone": "mobilenet_v2", "start": "backbone",
                   "weights_path": str(bad_weights)},
         "train": {"epochs": 1, "image_size": 128},
         "search": {"num_samples": 1, "max_concurrent_trials": 1},

@@ -35,7 +35,7 @@ def test_export_best_then_train_on_all_data(finished_sweep: Path, tmp_path: Path
     assert config.seed == sweep["seed"] and config.data.path == sweep["data"]["path"]
     for key in ("epochs", "image_size", "warmup_epochs", "patience", "optimizer", "weight_decay"):
         assert getattr(config.train, key) == sweep["train"][key], key
-    assert config.model.pretrained == sweep["model"]["pretrained"]
+    assert config.model.start == sweep["model"]["start"]
     # The trial trained exactly this config (trial.json in its checkpoint holds the config it applied).
     trial_json = json.loads(next((finished_sweep / "tune").glob(f"trial_{best['trial_id']}/checkpoint_*/trial.json"))
                             .read_text())

@@ -22,10 +22,24 @@ from detection.models.weights import WeightsNotFoundError
 
 
 def _tiny(**kw):
-    settings = dict(backbone="resnet18", num_classes=3, image_size=128, pretrained=False, neck_channels=32,
+    settings = dict(backbone="resnet18", num_classes=3, image_size=128, start="none", neck_channels=32,
                     head_convs=1)
     settings.update(kw)
     return build_fcos_tal(**settings)
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory) -> Path:
+    """A timm resnet18 classification state dict (random, seeded): stands in for ImageNet weights offline."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    return path
+
+
+def _trained(weights: Path, **kw):
+    """`_tiny` from backbone weights (the local file): what stage freezing applies to."""
+    return _tiny(start="backbone", weights_path=weights, **kw)
 
 
 def _targets():
@@ -87,9 +101,9 @@ def test_eval_with_high_threshold_returns_empty_tensors():
 
 
 @pytest.mark.parametrize("box_activation", ["exp", "relu"])
-def test_train_mode_returns_finite_losses_and_gradients(box_activation):
+def test_train_mode_returns_finite_losses_and_gradients(box_activation, resnet18_file):
     torch.manual_seed(0)
-    model = _tiny(box_activation=box_activation, trainable_layers=2).train()
+    model = _trained(resnet18_file, box_activation=box_activation, trainable_layers=2).train()
     losses = model([torch.rand(3, 200, 249), torch.rand(3, 90, 100)], _targets())
     assert set(losses) == {"loss_cls", "loss_box", "loss_obj"}
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
@@ -149,9 +163,9 @@ def test_backbone_stages_follow_timm_feature_info():
     assert efficientnet.stage_of_parameter["blocks.5.0.conv_pw.weight"] == 4
 
 
-def test_freeze_schedule_unfreezes_last_stages():
+def test_freeze_schedule_unfreezes_last_stages(resnet18_file):
     torch.manual_seed(0)
-    model = _tiny(trainable_layers=3, freeze_backbone_epochs=2, unfreeze_stages=2, frozen_bn=False)
+    model = _trained(resnet18_file, trainable_layers=3, freeze_backbone_epochs=2, unfreeze_stages=2, frozen_bn=False)
     # The trainer's optimizer, built once before epoch 0 over the trainable parameters.
     optimizer = build_optimizer(model, name="adam", lr=1e-2, weight_decay=1e-4)
     body = model.backbone.body
@@ -179,19 +193,36 @@ def test_freeze_schedule_unfreezes_last_stages():
         assert body.layer2[0].conv1.weight.grad is None  # never trainable
 
 
-def test_trainable_layers_without_a_freeze():
-    model = _tiny(trainable_layers=2)
+def test_trainable_layers_without_a_freeze(resnet18_file):
+    model = _trained(resnet18_file, trainable_layers=2)
     assert {model.backbone.stage_of_parameter[n] for n, p in model.backbone.body.named_parameters()
             if p.requires_grad} == {3, 4}
     # Values past the stage count mean "all stages" (torchvision's 5 for ResNets).
-    assert all(p.requires_grad for p in _tiny(trainable_layers=9).backbone.parameters())
+    assert all(p.requires_grad for p in _trained(resnet18_file, trainable_layers=9).backbone.parameters())
+
+
+def test_no_pretrained_weights_freezes_nothing():
+    # start none: randomly initialized stages must all learn, whatever trainable_layers and the schedule say.
+    model = _tiny(trainable_layers=1, freeze_backbone_epochs=3, unfreeze_stages=1).train()
+    assert model.start == "none"
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.freeze_backbone_epochs == 0 and not model.backbone.frozen
+    assert all(m.training for m in model.backbone.modules())  # no stage kept in eval mode
+    assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in model.modules())  # timm's or torchvision's
+    losses = model([torch.rand(3, 96, 96)], _targets()[:1])
+    sum(losses.values()).backward()
+    assert model.backbone.body.conv1.weight.grad.abs().sum() > 0  # the stem learns from epoch 0
+    # the deprecated alias means the same
+    assert build_fcos_tal(backbone="resnet18", num_classes=3, image_size=64, pretrained=False,
+                          trainable_layers=1, neck_channels=8, head_convs=1).start == "none"
 
 
 def test_load_backbone_weights_by_name(tmp_path: Path):
     torch.manual_seed(1)
     classifier = timm.create_model("resnet18", pretrained=False)  # full model: has fc.* too
     torch.save(classifier.state_dict(), tmp_path / "resnet18.pth")
-    model = _tiny(weights_path=tmp_path / "resnet18.pth", frozen_bn=False)
+    model = _trained(tmp_path / "resnet18.pth", frozen_bn=False)
+    assert model.start == "backbone"
     assert torch.equal(model.backbone.body.layer3[1].conv2.weight, classifier.layer3[1].conv2.weight)
     assert torch.equal(model.backbone.body.bn1.running_var, classifier.bn1.running_var)
 
@@ -213,7 +244,7 @@ def test_load_backbone_weights_by_order_from_the_lite0_package():
 def test_missing_weights_file_names_the_file(tmp_path: Path):
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(WeightsNotFoundError, match="nowhere.pth"):
-        _tiny(weights_path=missing)
+        _trained(missing)
 
 
 def test_channels_last_timm_bodies_are_permuted():
@@ -229,3 +260,30 @@ def test_channels_last_timm_bodies_are_permuted():
 def test_unknown_backbone_suggests_timm_names():
     with pytest.raises(ValueError, match=r"got 'mobilenet_v2'; did you mean one of .*'mobilenetv2_100'"):
         _tiny(backbone="mobilenet_v2")
+
+
+def test_detections_per_image_is_the_one_project_number():
+    from detection.metrics import MAX_DETECTIONS
+
+    assert _tiny().detections_per_img == MAX_DETECTIONS == 300
+
+
+def test_swin_body_at_odd_sizes_and_progressive_resizing():
+    # timm's Swin is built for 224 unless told otherwise: fcos_tal builds it for the model's size without a
+    # strict input size, so any padded batch works, and set_image_size (progressive resizing) keeps working.
+    from detection.models import set_image_size
+
+    torch.manual_seed(0)
+    model = build_fcos_tal(backbone="swin_tiny_patch4_window7_224", num_classes=3, image_size=257, start="none",
+                           neck_channels=16, head_convs=1).train()
+    assert model.backbone.channels == [192, 384, 768]
+    # 257 x 180 -> resized longest side 257, batch padded to 288 x 192 (multiples of 32): stage 1 at 72 x 48
+    # is no multiple of the 7 x 7 windows
+    losses = model([torch.rand(3, 257, 180)], _targets()[:1])
+    assert all(torch.isfinite(v) for v in losses.values())
+    set_image_size(model, 100)  # 100 x 67 -> padded to 128 x 96
+    losses = model([torch.rand(3, 150, 100)], _targets()[:1])
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        out = model.eval()([torch.rand(3, 131, 97)])
+    assert out[0]["boxes"].shape[1] == 4

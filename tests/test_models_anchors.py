@@ -102,7 +102,7 @@ def test_kmeans_anchors_train_on_deepforest_and_round_trip(deepforest_index) -> 
     assert shapes.shape == (9, 2)
     torch.manual_seed(0)
     model = build_detector(arch="faster_rcnn", backbone="mobilenet_v2", num_classes=3, image_size=image_size,
-                           pretrained=False, anchor_shapes=shapes)
+                           start="none", anchor_shapes=shapes)
     generator = model.rpn.anchor_generator
     # mobilenet_v2 + FPN: 4 levels (strides 8, 16, 32, 64), all 9 shapes on each
     assert generator.num_anchors_per_location() == [9, 9, 9, 9]
@@ -122,10 +122,10 @@ def test_kmeans_anchors_train_on_deepforest_and_round_trip(deepforest_index) -> 
     state = model.state_dict()
     np.testing.assert_allclose(anchor_shapes_from_state_dict(state), shapes, rtol=1e-6)
     rebuilt = build_detector(arch="faster_rcnn", backbone="mobilenet_v2", num_classes=3, image_size=image_size,
-                             pretrained=False, anchor_shapes=anchor_shapes_from_state_dict(state))
+                             start="none", anchor_shapes=anchor_shapes_from_state_dict(state))
     rebuilt.load_state_dict(state)
     default = build_detector(arch="faster_rcnn", backbone="mobilenet_v2", num_classes=3, image_size=image_size,
-                             pretrained=False)
+                             start="none")
     assert anchor_shapes_from_state_dict(default.state_dict()) is None
     with pytest.raises(RuntimeError, match=r"source_shapes|size mismatch"):  # 6 default anchors, not 9
         default.load_state_dict(state)

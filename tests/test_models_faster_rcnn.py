@@ -10,7 +10,7 @@ from torchvision.models.detection import FasterRCNN
 
 from detection.models import BACKBONES, ARCHS, build_detector, set_image_size
 from detection.models.anchors import ShapeAnchorGenerator
-from detection.models.faster_rcnn import BOX_DETECTIONS_PER_IMG
+from detection.metrics import MAX_DETECTIONS
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 64  # tiny: resnet50_fpn, efficientnet_b3 and swin_s are heavy on CPU
@@ -37,12 +37,12 @@ def _targets() -> list[dict[str, torch.Tensor]]:
 def test_train_step_and_eval_contract(backbone: str) -> None:
     torch.manual_seed(0)
     model = _small_sampling(build_detector(
-        arch="faster_rcnn", backbone=backbone, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, pretrained=False,
+        arch="faster_rcnn", backbone=backbone, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, start="none",
     ))
     assert isinstance(model, FasterRCNN)
     # C foreground classes + background
     assert model.roi_heads.box_predictor.cls_score.out_features == NUM_CLASSES + 1
-    assert model.roi_heads.detections_per_img == BOX_DETECTIONS_PER_IMG
+    assert model.roi_heads.detections_per_img == MAX_DETECTIONS
 
     model.train()
     images = [torch.rand(3, 64, 64), torch.rand(3, 64, 48)]
@@ -77,7 +77,7 @@ def test_train_step_and_eval_contract(backbone: str) -> None:
 
 def test_set_image_size_changes_the_resize_and_scales_anchors() -> None:
     model = build_detector(arch="faster_rcnn", backbone="mobilenet_v2", num_classes=2, image_size=128,
-                           pretrained=False)
+                           start="none")
     generator = model.rpn.anchor_generator
     assert isinstance(generator, ShapeAnchorGenerator)
     assert model.transform.min_size == (128,) and model.transform.max_size == 128
@@ -95,7 +95,7 @@ def test_set_image_size_changes_the_resize_and_scales_anchors() -> None:
 
 
 def test_default_anchors_scale_with_image_size_and_stride() -> None:
-    model = build_detector(arch="faster_rcnn", backbone="resnet18", num_classes=1, image_size=400, pretrained=False)
+    model = build_detector(arch="faster_rcnn", backbone="resnet18", num_classes=1, image_size=400, start="none")
     generator = model.rpn.anchor_generator
     # 5 levels (strides 4..64), 2 sizes x 3 ratios each
     assert generator.num_anchors_per_location() == [6] * 5
@@ -109,17 +109,17 @@ def test_default_anchors_scale_with_image_size_and_stride() -> None:
 
 def test_bad_arch_and_backbone_name_the_choices() -> None:
     with pytest.raises(ValueError, match=r"`arch` must be one of \['faster_rcnn', 'fcos_tal'\], but got 'yolo'"):
-        build_detector(arch="yolo", backbone="mobilenet_v2", num_classes=1, image_size=64, pretrained=False)
+        build_detector(arch="yolo", backbone="mobilenet_v2", num_classes=1, image_size=64, start="none")
     assert ARCHS == ("faster_rcnn", "fcos_tal")
     with pytest.raises(ValueError, match=r"`backbone` must be one of \[.*'resnet50_fpn'.*\], but got 'resnet51'"):
-        build_detector(arch="faster_rcnn", backbone="resnet51", num_classes=1, image_size=64, pretrained=False)
+        build_detector(arch="faster_rcnn", backbone="resnet51", num_classes=1, image_size=64, start="none")
     with pytest.raises(ValueError, match=r"num_classes >= 1.*num_classes=0"):
-        build_detector(arch="faster_rcnn", backbone="mobilenet_v2", num_classes=0, image_size=64, pretrained=False)
+        build_detector(arch="faster_rcnn", backbone="mobilenet_v2", num_classes=0, image_size=64, start="none")
 
 
 def test_fcos_tal_is_dispatched_lazily_and_takes_no_anchor_shapes() -> None:
     model = build_detector(arch="fcos_tal", backbone="mobilenetv2_100", num_classes=2, image_size=64,
-                           pretrained=False)
+                           start="none")
     from detection.models.fcos_tal import FCOSTAL
 
     assert isinstance(model, FCOSTAL)
@@ -127,4 +127,4 @@ def test_fcos_tal_is_dispatched_lazily_and_takes_no_anchor_shapes() -> None:
     assert model.transform.min_size == (96,) and model.transform.max_size == 96
     with pytest.raises(ValueError, match=r"anchor_shapes.*fcos_tal"):
         build_detector(arch="fcos_tal", backbone="mobilenetv2_100", num_classes=2, image_size=64,
-                       pretrained=False, anchor_shapes=[[10.0, 10.0]])
+                       start="none", anchor_shapes=[[10.0, 10.0]])

@@ -177,7 +177,7 @@ def test_checkpoint_holds_fold_states_and_ranked_best_models(sweep: Sweep) -> No
             assert set(weights) == set(state["model"])
             # What the ensemble job does: a fresh detector loads the kept weights (anchors included).
             model = build_detector(arch="faster_rcnn", backbone="mobilenet_v2", num_classes=3, image_size=64,
-                                   pretrained=False, anchor_shapes=anchor_shapes_from_state_dict(weights))
+                                   start="none", anchor_shapes=anchor_shapes_from_state_dict(weights))
             model.load_state_dict(weights)
             # The fold's best epoch, by its own validation score, is what was kept.
             fold_scores = history[f"fold{entry['fold']}/score"].tolist()

@@ -47,6 +47,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from detection.config import ExperimentConfig
 from detection.data.splits import Split
 from detection.engine import NonFiniteLossError
+from detection.models.weights import resolve_start
 from trainables.fold_worker import FoldWorker
 from trainables.manifest import MANIFEST_FILE, build_trial_manifest
 
@@ -534,6 +535,8 @@ class _Trial:
             "trial_id": self.trial_id,
             "arch": self.config.model.arch,
             "backbone": self.config.model.backbone,
+            # the weights its fold models started from: detection | backbone | none (model.start resolved)
+            "start": resolve_start(self.config.model.arch, self.config.model.backbone, self.config.model.start),
             "params": self.params,
             "num_classes": info.get("num_classes"),
             "class_names": info.get("class_names"),

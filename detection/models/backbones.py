@@ -8,7 +8,8 @@ a `FeatureBody`: `body(x [B, 3, H, W])` -> OrderedDict `"0".."L-1"` of NCHW maps
 
 Pretrained ImageNet weights go through torchvision's own `weights=` path or timm's own `pretrained=True`
 (see `detection.models.weights`). Pretrained CNN bodies use frozen batch norm, as torchvision's detection
-builders do: detection batches are too small for batch statistics.
+builders do: detection batches are too small for batch statistics. A body that a detection checkpoint is
+loaded into later (`detection_weights=True`) is built the same way, without the ImageNet weights.
 
 Adding a backbone = one `BackboneSpec` entry; `tests/test_models_backbones.py` loops over the registry.
 """
@@ -95,7 +96,7 @@ class FPNBackbone(nn.Module):
         return self.fpn(self.body(x))
 
 
-BodyBuilder = Callable[..., FeatureBody]  # (*, pretrained, weights_path, image_size) -> FeatureBody
+BodyBuilder = Callable[..., FeatureBody]  # (*, pretrained, weights_path, image_size, trained) -> FeatureBody
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class BackboneSpec:
         "timm" (`pretrained=True`, Hugging Face hub cache).
     weights_file: the pretrained file's name in that cache; weights_url: its URL or `hf-hub:<repo id>`.
     size_divisible: the batch is padded to a multiple of this (the coarsest body stride).
+    weights: the torchvision ImageNet weights enum (torchvision source); timm_name: the timm model (timm source).
     """
 
     name: str
@@ -121,6 +123,8 @@ class BackboneSpec:
     weights_url: str
     size_divisible: int = 32
     fpn_channels: int = 256
+    weights: WeightsEnum | None = None
+    timm_name: str | None = None
 
 
 def _norm_layer(trained: bool) -> type[nn.Module]:
@@ -130,8 +134,7 @@ def _norm_layer(trained: bool) -> type[nn.Module]:
 def _resnet_body(builder: Callable[..., nn.Module], weights: WeightsEnum) -> BodyBuilder:
     """ResNet C2..C5 (strides 4..32), as `fasterrcnn_resnet50_fpn`'s `_resnet_fpn_extractor` returns them."""
 
-    def build(*, pretrained: bool, weights_path: str | Path | None, image_size: int) -> FeatureBody:
-        trained = pretrained or weights_path is not None
+    def build(*, pretrained: bool, weights_path: str | Path | None, image_size: int, trained: bool) -> FeatureBody:
         model = build_torchvision_model(
             builder, weights, pretrained=pretrained, weights_path=weights_path, norm_layer=_norm_layer(trained)
         )
@@ -144,12 +147,13 @@ def _resnet_body(builder: Callable[..., nn.Module], weights: WeightsEnum) -> Bod
     return build
 
 
-def _mobilenet_v2_body(*, pretrained: bool, weights_path: str | Path | None, image_size: int) -> FeatureBody:
+def _mobilenet_v2_body(
+    *, pretrained: bool, weights_path: str | Path | None, image_size: int, trained: bool
+) -> FeatureBody:
     """MobileNetV2 `features` at strides 8, 16, 32 (ends of those stages: blocks 6, 13, 18).
 
     Stride 4 is left out on purpose: a 256-channel FPN level at H/4 costs more than the whole body on CPU.
     """
-    trained = pretrained or weights_path is not None
     model = build_torchvision_model(
         torchvision.models.mobilenet_v2, MobileNet_V2_Weights.IMAGENET1K_V1,
         pretrained=pretrained, weights_path=weights_path, norm_layer=_norm_layer(trained),
@@ -162,17 +166,27 @@ def _mobilenet_v2_body(*, pretrained: bool, weights_path: str | Path | None, ima
     )
 
 
-def _timm_body(model_name: str, *, out_indices: tuple[int, ...], sized: bool = False) -> BodyBuilder:
-    """A timm `features_only` body; `sized` builds it for the input size with dynamic padding (Swin)."""
+def timm_size_kwargs(model_name: str, image_size: int) -> dict[str, object]:
+    """What timm model `model_name` must be built with to take inputs other than its pretraining size.
 
-    def build(*, pretrained: bool, weights_path: str | Path | None, image_size: int) -> FeatureBody:
-        kwargs: dict = dict(features_only=True, out_indices=out_indices)
-        if sized:
-            # Swin: window sizes are chosen for img_size; strict_img_size=False pads each stage to whole
-            # windows and builds the shifted-window masks per forward, so any padded batch size works.
-            kwargs.update(img_size=image_size, strict_img_size=False)
+    Swin (`swin_transformer`): `img_size=image_size, strict_img_size=False`: window sizes are chosen for
+    `img_size`, and without a strict size each stage is padded to whole windows and the shifted-window masks
+    are built per forward, so every padded batch size works (progressive resizing). CNNs take any size: {}.
+    """
+    import timm
+
+    if timm.models.get_arch_name(model_name) in timm.list_models(module="swin_transformer"):
+        return {"img_size": image_size, "strict_img_size": False}
+    return {}
+
+
+def _timm_body(model_name: str, *, out_indices: tuple[int, ...]) -> BodyBuilder:
+    """A timm `features_only` body, built for any input size (`timm_size_kwargs`)."""
+
+    def build(*, pretrained: bool, weights_path: str | Path | None, image_size: int, trained: bool) -> FeatureBody:
+        kwargs: dict = dict(features_only=True, out_indices=out_indices, **timm_size_kwargs(model_name, image_size))
         model = create_timm_model(model_name, pretrained=pretrained, weights_path=weights_path, **kwargs)
-        if pretrained or weights_path is not None:
+        if trained:
             from timm.layers import freeze_batch_norm_2d
 
             model = freeze_batch_norm_2d(model)
@@ -187,6 +201,7 @@ def _torchvision_spec(
     return BackboneSpec(
         name=name, build_body=build_body, stages=stages, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
         weights_source="torchvision", weights_file=url_file_name(weights.url), weights_url=weights.url,
+        weights=weights,
     )
 
 
@@ -214,15 +229,17 @@ BACKBONES: dict[str, BackboneSpec] = {
                 ("model.blocks.3", "model.blocks.4"), ("model.blocks.5", "model.blocks.6")),
         image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
         weights_source="timm", weights_file="model.safetensors", weights_url="hf-hub:timm/efficientnet_b3.ra2_in1k",
+        timm_name="efficientnet_b3",
     ),
     "swin_s": BackboneSpec(
         name="swin_s",  # torchvision's name for Swin-S; built by timm, which offers features_only
-        build_body=_timm_body("swin_small_patch4_window7_224", out_indices=(0, 1, 2, 3), sized=True),
+        build_body=_timm_body("swin_small_patch4_window7_224", out_indices=(0, 1, 2, 3)),
         stages=(("model.patch_embed",), ("model.layers_0",), ("model.layers_1",), ("model.layers_2",),
                 ("model.layers_3",)),
         image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
         weights_source="timm", weights_file="model.safetensors",
         weights_url="hf-hub:timm/swin_small_patch4_window7_224.ms_in22k_ft_in1k",
+        timm_name="swin_small_patch4_window7_224",
     ),
 }
 
@@ -255,11 +272,14 @@ def build_backbone_body(
     pretrained: bool = True,
     weights_path: str | Path | None = None,
     trainable_layers: int = 3,
+    detection_weights: bool = False,
 ) -> FeatureBody:
     """The registered body `name`, with its first stages frozen.
 
     `weights_path` (a classification state dict of the same architecture) overrides `pretrained`. As in
     torchvision, a randomly initialized body trains all its layers whatever `trainable_layers` says.
+    `detection_weights=True`: a detection checkpoint is loaded into the whole detector afterwards, so the body
+    is built without ImageNet weights but set up as a trained one (frozen batch norm and stages).
     Raises `WeightsNotFoundError` when pretrained weights are neither cached nor downloadable.
     """
     spec = get_backbone_spec(name)
@@ -267,8 +287,10 @@ def build_backbone_body(
         raise ValueError(f"`image_size > 0` must hold, but got {image_size=}.")
     if not 0 <= trainable_layers <= len(spec.stages):
         raise ValueError(f"`0 <= trainable_layers <= {len(spec.stages)}` must hold, but got {trainable_layers=}.")
-    body = spec.build_body(pretrained=pretrained, weights_path=weights_path, image_size=image_size)
-    trained = pretrained or weights_path is not None
+    if detection_weights:
+        pretrained, weights_path = False, None
+    trained = pretrained or weights_path is not None or detection_weights
+    body = spec.build_body(pretrained=pretrained, weights_path=weights_path, image_size=image_size, trained=trained)
     freeze_stages(body, spec.stages, trainable_layers if trained else len(spec.stages))
     return body
 
@@ -280,11 +302,12 @@ def build_fpn_backbone(
     pretrained: bool = True,
     weights_path: str | Path | None = None,
     trainable_layers: int = 3,
+    detection_weights: bool = False,
 ) -> FPNBackbone:
     """`build_backbone_body(...)` + FPN (`spec.fpn_channels` channels, levels `"0".."L-1", "pool"`)."""
     body = build_backbone_body(
         name, image_size=image_size, pretrained=pretrained, weights_path=weights_path,
-        trainable_layers=trainable_layers,
+        trainable_layers=trainable_layers, detection_weights=detection_weights,
     )
     return FPNBackbone(body, out_channels=get_backbone_spec(name).fpn_channels)
 
@@ -300,4 +323,5 @@ __all__ = [
     "build_fpn_backbone",
     "freeze_stages",
     "get_backbone_spec",
+    "timm_size_kwargs",
 ]

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from detection.models.anchors import ShapeAnchorGenerator
+from detection.models.weights import AUTO_START, resolve_start
 
 ARCHS = ("faster_rcnn", "fcos_tal")
 
@@ -19,7 +20,8 @@ def build_detector(
     backbone: str,
     num_classes: int,
     image_size: int,
-    pretrained: bool = True,
+    start: str | None = None,
+    pretrained: bool | None = None,
     weights_path: str | Path | None = None,
     anchor_shapes: np.ndarray | Tensor | None = None,
     trainable_layers: int = 3,
@@ -34,9 +36,14 @@ def build_detector(
         backbone: a key of `detection.models.backbones.BACKBONES` (fcos_tal also takes timm model names).
         num_classes: C foreground classes; labels are 1..C.
         image_size: input size (longest side) the model resizes images to; `set_image_size` changes it.
-        pretrained: ImageNet backbone weights through torchvision's/timm's cache (or download);
-            `WeightsNotFoundError` names the missing file and the folder to put it in.
-        weights_path: a local backbone weights file that overrides the download.
+        start: where the weights start from (`detection.models.weights`): `"detection"` (a COCO detector of
+            this arch/backbone, box predictor replaced for C + 1 classes), `"backbone"` (ImageNet backbone
+            weights), `"none"` (random), or `"auto"`/None: detection where a checkpoint exists, else backbone.
+            Weights come through torchvision's/timm's cache (or download); `WeightsNotFoundError` names the
+            missing file and the folder to put it in. The resolved value is kept as `model.start`.
+        pretrained: deprecated alias of `start` (used only when `start` is None): True = "auto", False = "none".
+        weights_path: a local file that overrides the cache/download: a full detection state dict for
+            `"detection"`, the backbone's classification state dict for `"backbone"`.
         anchor_shapes: faster_rcnn only: [k, 2] (w, h) pixels at `image_size` from k-means.
         trainable_layers: backbone stages left trainable (0..5).
         roi_batch_size_per_image, rpn_post_nms_top_n_train: faster_rcnn only: RoIs sampled per image and
@@ -51,12 +58,16 @@ def build_detector(
         raise ValueError(f"`num_classes >= 1` (foreground classes) must hold, but got {num_classes=}.")
     if image_size < 32:
         raise ValueError(f"`image_size >= 32` must hold, but got {image_size=}.")
+    if start is None:
+        start = AUTO_START if pretrained is None or pretrained else "none"
+    if arch in ARCHS:
+        start = resolve_start(arch, backbone, start)
     match arch:
         case "faster_rcnn":
             from detection.models.faster_rcnn import build_faster_rcnn
 
             return build_faster_rcnn(
-                backbone=backbone, num_classes=num_classes, image_size=image_size, pretrained=pretrained,
+                backbone=backbone, num_classes=num_classes, image_size=image_size, start=start,
                 weights_path=weights_path, anchor_shapes=anchor_shapes, trainable_layers=trainable_layers,
                 roi_batch_size_per_image=roi_batch_size_per_image, rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
             )
@@ -67,7 +78,7 @@ def build_detector(
             from detection.models.fcos_tal import build_fcos_tal  # lazy: only this arch pays its imports
 
             return build_fcos_tal(
-                backbone=backbone, num_classes=num_classes, image_size=image_size, pretrained=pretrained,
+                backbone=backbone, num_classes=num_classes, image_size=image_size, start=start,
                 weights_path=weights_path, trainable_layers=trainable_layers,
                 freeze_backbone_epochs=freeze_backbone_epochs,
             )

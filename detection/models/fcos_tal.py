@@ -26,9 +26,11 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
+from detection.metrics import MAX_DETECTIONS
+from detection.models.backbones import timm_size_kwargs
 from detection.models.fcos_losses import ComputeLoss, decode_distances, fused_scores
 from detection.models.pan import PathAggregationNetwork
-from detection.models.weights import create_timm_model, load_weights_file
+from detection.models.weights import create_timm_model, load_weights_file, resolve_start, state_dict_by_order
 
 __all__ = [
     "FCOS_TAL_DEFAULTS",
@@ -305,7 +307,7 @@ class FCOSTAL(nn.Module):
         *,
         score_thresh: float = 0.05,
         nms_thresh: float = 0.6,
-        detections_per_img: int = 100,
+        detections_per_img: int = MAX_DETECTIONS,
         topk_candidates: int = 1000,
         trainable_layers: int = 3,
         freeze_backbone_epochs: int = 0,
@@ -468,28 +470,15 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
         body.load_state_dict(by_name)
         return
 
-    sources = list(state.items())
-    if len(sources) < len(target):
-        raise ValueError(
-            f"Weights file {str(path)!r} matches the backbone neither by name nor by order: it holds "
-            f"{len(sources)} tensors, the backbone needs {len(target)}."
-        )
-    by_order = {}
-    for (key, tensor), (source_key, source) in zip(target.items(), sources):
-        if source.shape != tensor.shape:
-            raise ValueError(
-                f"Weights file {str(path)!r} matches the backbone neither by name nor by order: tensor "
-                f"{source_key!r} has shape {tuple(source.shape)} where {key!r} expects {tuple(tensor.shape)}."
-            )
-        by_order[key] = source
-    body.load_state_dict(by_order)
+    body.load_state_dict(state_dict_by_order(target, state, where=str(path)))
 
 
-def _create_body(name: str, *, pretrained: bool, weights_path: str | Path | None) -> nn.Module:
+def _create_body(name: str, *, pretrained: bool, weights_path: str | Path | None, image_size: int) -> nn.Module:
     """timm features net, with weights from ``weights_path`` or timm's own pretrained mechanism.
 
-    Offline without a cached checkpoint, ``pretrained=True`` raises ``WeightsNotFoundError`` naming
-    the file and the Hugging Face cache folder to put it in.
+    Built for any input size (Swin: ``img_size``, ``strict_img_size=False``; see
+    ``detection.models.backbones.timm_size_kwargs``). Offline without a cached checkpoint,
+    ``pretrained=True`` raises ``WeightsNotFoundError`` naming the file and the Hugging Face cache folder.
     """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
@@ -497,11 +486,12 @@ def _create_body(name: str, *, pretrained: bool, weights_path: str | Path | None
             f"Expected a timm model name for the fcos_tal backbone, got {name!r}"
             + (f"; did you mean one of {close}?" if close else " (see timm.list_models()).")
         )
+    kwargs = dict(features_only=True, **timm_size_kwargs(name, image_size))
     if weights_path is not None:
-        body = timm.create_model(name, pretrained=False, features_only=True)
+        body = timm.create_model(name, pretrained=False, **kwargs)
         load_backbone_weights(body, weights_path)
         return body
-    return create_timm_model(name, pretrained=pretrained, features_only=True)
+    return create_timm_model(name, pretrained=pretrained, **kwargs)
 
 
 def build_fcos_tal(
@@ -509,7 +499,8 @@ def build_fcos_tal(
     backbone: str = "resnet50",
     num_classes: int,
     image_size: int = FCOS_TAL_DEFAULTS["image_size"],
-    pretrained: bool = True,
+    start: str = "auto",
+    pretrained: bool | None = None,
     weights_path: str | Path | None = None,
     neck_channels: int = 256,
     extra_levels: int = 0,
@@ -521,7 +512,7 @@ def build_fcos_tal(
     unfreeze_stages: int | None = None,
     score_thresh: float = 0.05,
     nms_thresh: float = 0.6,
-    detections_per_img: int = 100,
+    detections_per_img: int = MAX_DETECTIONS,
     topk_candidates: int = 1000,
     compute_loss: ComputeLoss | None = None,
     anchor_shapes=None,
@@ -532,14 +523,18 @@ def build_fcos_tal(
         backbone: any timm model name with ``features_only`` maps at strides 8, 16 and 32.
         num_classes: foreground classes ``C`` (labels ``1..C``).
         image_size: ``GeneralizedRCNNTransform(min_size=image_size, max_size=image_size)``.
-        pretrained: load ImageNet weights through timm (Hugging Face cache) when ``weights_path`` is None.
-        weights_path: local checkpoint of the backbone (see :func:`load_backbone_weights`); wins over ``pretrained``.
+        start: ``"backbone"`` (ImageNet weights through timm's Hugging Face cache, or ``weights_path``) or
+            ``"none"`` (random: then nothing is frozen, whatever ``trainable_layers`` and
+            ``freeze_backbone_epochs`` say); ``"auto"`` is ``"backbone"`` (no fcos_tal detection checkpoint exists).
+        pretrained: deprecated alias: True is ``start="auto"``, False is ``start="none"``.
+        weights_path: local checkpoint of the backbone (see :func:`load_backbone_weights`) for ``"backbone"``.
         neck_channels: channels of the PAN outputs and of the head.
         extra_levels: 0, 1 or 2 extra levels (P6, P7) above P5, for objects much larger than 32 x 32 strides.
         head_convs: depth of each head tower.
         box_activation: ``"exp"`` or ``"relu"`` on the scaled distances.
         frozen_bn: replace every backbone BatchNorm by a frozen one (small detection batches); None =
             only when weights are loaded (frozen statistics of a random init would be meaningless).
+        The resolved start is kept as ``model.start``.
         trainable_layers, freeze_backbone_epochs, unfreeze_stages: backbone freeze schedule, see :class:`FCOSTAL`.
         score_thresh, nms_thresh, detections_per_img, topk_candidates: inference, see :class:`FCOSTAL`.
         compute_loss: losses and assigner settings; None = :class:`ComputeLoss` defaults.
@@ -552,12 +547,20 @@ def build_fcos_tal(
         raise ValueError(f"`num_classes >= 1` must hold, but got ({num_classes=}).")
     if image_size < 32:
         raise ValueError(f"`image_size >= 32` must hold, but got ({image_size=}).")
-    body = _create_body(backbone, pretrained=pretrained, weights_path=weights_path)
+    if pretrained is not None:
+        start = "auto" if pretrained else "none"
+    start = resolve_start("fcos_tal", backbone, start)
+    trained = start == "backbone"
+    body = _create_body(backbone, pretrained=trained, weights_path=weights_path if trained else None,
+                        image_size=image_size)
     config = getattr(body, "pretrained_cfg", None) or {}
     mean = list(config.get("mean", (0.485, 0.456, 0.406)))
     std = list(config.get("std", (0.229, 0.224, 0.225)))
+    if not trained:
+        # Randomly initialized stages must learn: none is frozen, for good or for a while (torchvision's rule).
+        trainable_layers, freeze_backbone_epochs, unfreeze_stages = len(body.feature_info.reduction()), 0, None
     if frozen_bn is None:
-        frozen_bn = pretrained or weights_path is not None
+        frozen_bn = trained
     if frozen_bn:
         body = timm.layers.freeze_batch_norm_2d(body)
 
@@ -567,9 +570,11 @@ def build_fcos_tal(
     head = FCOSTALHead(neck_channels, num_classes, strides, num_convs=head_convs, box_activation=box_activation)
     transform = GeneralizedRCNNTransform(min_size=image_size, max_size=image_size, image_mean=mean, image_std=std,
                                          size_divisible=32)
-    return FCOSTAL(
+    model = FCOSTAL(
         backbone_module, neck, head, transform, compute_loss or ComputeLoss(),
         score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
         topk_candidates=topk_candidates, trainable_layers=trainable_layers,
         freeze_backbone_epochs=freeze_backbone_epochs, unfreeze_stages=unfreeze_stages,
     )
+    model.start = start
+    return model
