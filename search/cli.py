@@ -146,11 +146,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     try:
         summary = predict_images(args.ensemble, args.inputs, out=args.out, draw_dir=args.draw, device=args.device,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, score_threshold=args.score_threshold)
     except (PredictError, EnsembleError) as error:
         print(f"detsweep predict: error: {error}", file=sys.stderr)
         return 2
-    _say(f"{summary.num_images} images, {summary.num_detections} boxes -> {summary.out}"
+    _say(f"{summary.num_images} images, {summary.num_detections} boxes (score >= {summary.score_threshold:.3g}) "
+         f"-> {summary.out}, images in {summary.images}"
          + (f"; drawn to {args.draw}" if args.draw else "")
          + (f"; {len(summary.skipped)} unreadable image(s) skipped" if summary.skipped else ""))
     return 0 if summary.num_images else 1
@@ -305,10 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="run the best ensemble on image files or folders (COCO JSON out)")
     p.add_argument("--ensemble", type=Path, required=True, help="<experiment>/best_ensemble.json")
     p.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
-    p.add_argument("--out", type=Path, required=True, help="COCO JSON to write (images, categories, annotations)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="COCO results file to write (a list of {image_id, category_id, bbox, score}); the images "
+                        "and categories go beside it in <out stem>.images.json")
     p.add_argument("--draw", type=Path, default=None, help="folder for PNGs with the predicted boxes drawn")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="write boxes at or above this score (default: the ensemble's own threshold; 0: every box)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export-best", help="write the best trial's training config (for `detsweep train`)")

@@ -4,28 +4,32 @@
 
 The ensemble (the best trial's fold models, fused with Weighted Boxes Fusion as the ensemble job scored
 them) is loaded with `search.ensemble.load_ensemble` and run with `search.ensemble.predict_ensemble`, on
-CPU or GPU. The output is one COCO-format JSON file:
+CPU or GPU. Two JSON files come out:
 
-    {
-      "info": {"ensemble": <best_ensemble.json>, "trial_id": ..., "score_threshold": <the trial's>, ...},
-      "images":      [{"id": 1, "file_name": <absolute path>, "width": W, "height": H}, ...],
-      "categories":  [{"id": <the dataset's original COCO category id>, "name": ...}, ...],
-      "annotations": [{"id", "image_id", "category_id", "bbox": [x, y, w, h] absolute pixels, "score",
-                       "area", "iscrowd": 0}, ...],   # COCO results entries, every fused box
-      "skipped":     [{"file": ..., "error": ...}, ...]
-    }
+- `preds.json`, a COCO results file: the list `[{"image_id", "category_id", "bbox": [x, y, w, h] absolute
+  pixels, "score"}, ...]` with the dataset's original COCO category ids, the fused boxes at or above the
+  score threshold (the ensemble's own, where its F1 was measured, unless `score_threshold=` says otherwise);
+- `preds.images.json` (`images_file(out)`), a COCO dataset dict naming the images those ids stand for:
 
-`annotations` is a COCO results list (pycocotools: `COCO(...).loadRes(data["annotations"])`); every fused
-box is kept (as the held-out evaluation ranks them), and `info.score_threshold` is where the ensemble's
-F1 was measured: `--draw` draws the boxes at or above it. An image that cannot be read is reported on
-stderr, naming the file, and skipped; the others are still predicted and written.
+      {
+        "info": {"ensemble": <best_ensemble.json>, "trial_id": ..., "score_threshold": <the one applied>,
+                 "results": <preds.json>, ...},
+        "images":      [{"id": 1, "file_name": <absolute path>, "width": W, "height": H}, ...],
+        "categories":  [{"id": <the dataset's original COCO category id>, "name": ...}, ...],
+        "annotations": [],
+        "skipped":     [{"file": ..., "error": ...}, ...]
+      }
+
+so that pycocotools reads them as they are: `COCO("preds.images.json").loadRes("preds.json")` (pycocotools
+cannot `loadRes` an empty list; faster_coco_eval can). An image that cannot be read is reported on stderr,
+naming the file, and skipped; the others are still predicted and written.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["IMAGE_SUFFIXES", "PredictError", "PredictSummary", "collect_images", "predict_images", "read_image_file"]
+__all__ = ["IMAGE_SUFFIXES", "PredictError", "PredictSummary", "collect_images", "images_file", "predict_images",
+           "read_image_file", "write_predictions"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -47,11 +52,19 @@ class PredictError(ValueError):
 class PredictSummary:
     """What `predict_images` did."""
 
-    out: Path
+    out: Path  # the COCO results list
+    images: Path  # the COCO dataset dict of the images (`images_file(out)`)
     num_images: int  # images predicted
-    num_detections: int
+    num_detections: int  # boxes written (at or above `score_threshold`)
+    score_threshold: float
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
     drawn: list[Path] = field(default_factory=list)
+
+
+def images_file(out: str | Path) -> Path:
+    """The images file written beside the results file `out`: `preds.json` -> `preds.images.json`."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.images{out.suffix or '.json'}")
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -139,6 +152,7 @@ def predict_images(
     draw_dir: str | Path | None = None,
     device: str = "auto",
     batch_size: int = 4,
+    score_threshold: float | None = None,
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
 ) -> PredictSummary:
     """Predict every readable image of `inputs` with the ensemble of `ensemble_path`; write `out`.
@@ -146,10 +160,13 @@ def predict_images(
     Args:
         ensemble_path: a `best_ensemble.json` written by the ensemble job.
         inputs: image files and/or folders (see `collect_images`).
-        out: the COCO JSON to write (see the module docstring).
-        draw_dir: when given, one PNG per image with the boxes at or above the trial's score threshold.
+        out: the COCO results file to write; the images file goes beside it (`images_file(out)`; see the
+            module docstring).
+        draw_dir: when given, one PNG per image with the boxes at or above the score threshold.
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         batch_size: images per forward pass of each model.
+        score_threshold: boxes below it are not written (nor drawn); None: the ensemble's own threshold (where
+            its F1 was measured), 0.0: every fused box.
         warn: where "skipping FILE: why" lines go (stderr).
 
     Raises:
@@ -161,41 +178,79 @@ def predict_images(
 
     if batch_size < 1:
         raise PredictError(f"`batch_size >= 1` must hold, but got {batch_size=}.")
+    if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
+        raise PredictError(f"`0 <= score_threshold <= 1` must hold, but got {score_threshold=}.")
     files = collect_images(inputs)
     models, spec = load_ensemble(ensemble_path, _resolve_device(device))
+    threshold = float(score_threshold if score_threshold is not None else (spec.score_threshold or 0.0))
 
     images_json: list[dict[str, Any]] = []
-    annotations: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     drawn: list[Path] = []
     used_names: set[str] = set()
     for batch in _batches(_readable(files, warn, skipped), batch_size):
         tensors = [torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0) for _, array in batch]  # [3, H, W]
-        fused = predict_ensemble(models, spec, tensors, batch_size=batch_size)
+        fused = [{k: v[pred["scores"] >= threshold] for k, v in pred.items()}
+                 for pred in predict_ensemble(models, spec, tensors, batch_size=batch_size)]
         ids = list(range(len(images_json) + 1, len(images_json) + len(batch) + 1))  # COCO ids from 1
         for image_id, (path, array) in zip(ids, batch):
             images_json.append({"id": image_id, "file_name": str(path.resolve()), "width": int(array.shape[1]),
                                 "height": int(array.shape[0])})
-        for entry in predictions_to_coco(fused, ids, spec.category_ids):
-            w, h = entry["bbox"][2], entry["bbox"][3]
-            annotations.append({"id": len(annotations) + 1, **entry, "area": w * h, "iscrowd": 0})
+        results += predictions_to_coco(fused, ids, spec.category_ids)  # {image_id, category_id, bbox, score}
         if draw_dir is not None:
             for (path, array), pred in zip(batch, fused):
                 drawn.append(draw_detections(array, pred, None, class_names=spec.class_names,
-                                             score_threshold=spec.score_threshold,
+                                             score_threshold=threshold,
                                              out_path=Path(draw_dir) / _draw_name(path, used_names)))
 
-    payload = {
-        "info": {"description": "detsweep predict", "ensemble": str(Path(ensemble_path).resolve()),
-                 "trial_id": spec.trial_id, "detector": f"{spec.arch}/{spec.backbone}",
-                 "score_threshold": spec.score_threshold, "num_models": len(spec.models)},
-        "images": images_json,
-        "categories": [{"id": int(c), "name": name} for c, name in zip(spec.category_ids, spec.class_names)],
-        "annotations": annotations,
+    out = Path(out)
+    images_path = write_predictions(
+        out, results=results, images=images_json,
+        categories=[{"id": int(c), "name": name} for c, name in zip(spec.category_ids, spec.class_names)],
+        info={"description": "detsweep predict", "ensemble": str(Path(ensemble_path).resolve()),
+              **_ensemble_info(spec), "score_threshold": threshold, "num_models": len(spec.models)},
+        skipped=skipped,
+    )
+    return PredictSummary(out=out, images=images_path, num_images=len(images_json), num_detections=len(results),
+                          score_threshold=threshold, skipped=skipped, drawn=drawn)
+
+
+def write_predictions(
+    out: str | Path, *, results: Sequence[Mapping[str, Any]], images: Sequence[Mapping[str, Any]],
+    categories: Sequence[Mapping[str, Any]], info: Mapping[str, Any], skipped: Sequence[tuple[str, str]] = (),
+) -> Path:
+    """Write the COCO results file `out` (`results`: `{image_id, category_id, bbox, score}` each) and beside it
+    the images file (`images_file(out)`: a COCO dataset dict of `images` and `categories`, no annotations);
+    returns the images file. `COCO(images file).loadRes(out)` reads them as they are."""
+    out = Path(out)
+    images_path = images_file(out)
+    dataset = {
+        "info": {**info, "results": str(out.resolve())},
+        "images": [dict(image) for image in images],
+        "categories": [dict(category) for category in categories],
+        "annotations": [],  # a dataset dict without ground truth: the boxes are in the results file
         "skipped": [{"file": file, "error": error} for file, error in skipped],
     }
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
-    return PredictSummary(out=out, num_images=len(images_json), num_detections=len(annotations), skipped=skipped,
-                          drawn=drawn)
+    _write_json(images_path, dataset)
+    _write_json(out, [{k: r[k] for k in ("image_id", "category_id", "bbox", "score")} for r in results])
+    return images_path
+
+
+def _ensemble_info(spec: Any) -> dict[str, Any]:
+    """Which ensemble predicted: its name (a trial id, or the cross-trial one's) and its detectors.
+
+    Reads a one-trial spec (`trial_id`, `arch`, `backbone`) and a spec whose models carry their own detector.
+    """
+    name = getattr(spec, "name", None) or getattr(spec, "trial_id", None)
+    detectors = sorted({f"{m.arch}/{m.backbone}" for m in spec.models if hasattr(m, "arch")})
+    if not detectors and hasattr(spec, "arch"):
+        detectors = [f"{spec.arch}/{spec.backbone}"]
+    return {"ensemble_name": name, "detectors": detectors}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1))
+    partial.replace(path)  # a reader never sees half a file

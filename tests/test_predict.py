@@ -19,7 +19,14 @@ from detection.data.coco import load_dataset
 from detection.metrics import detection_metrics
 from search.cli import main as cli_main
 from search.ensemble import predictions_from_coco
-from search.predict import PredictError, collect_images, predict_images, read_image_file
+from search.predict import (
+    PredictError,
+    collect_images,
+    images_file,
+    predict_images,
+    read_image_file,
+    write_predictions,
+)
 
 
 def _holdout_files(experiment: Path) -> tuple[list[Path], list[int]]:
@@ -30,12 +37,18 @@ def _holdout_files(experiment: Path) -> tuple[list[Path], list[int]]:
     return [index.by_id(i).path for i in holdout], holdout
 
 
-def _coco_with_results(data: dict) -> tuple[COCO, COCO]:
-    """(the images/categories as a COCO ground-truth object, pycocotools' `loadRes` of the annotations)."""
-    gt = COCO()
-    gt.dataset = {"images": data["images"], "categories": data["categories"], "annotations": []}
-    gt.createIndex()
-    return gt, gt.loadRes(data["annotations"])
+def _read(out: Path) -> tuple[list[dict], dict]:
+    """(the COCO results list `out`, the images file beside it: a COCO dataset dict)."""
+    results, images = json.loads(out.read_text()), json.loads(images_file(out).read_text())
+    assert isinstance(results, list) and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
+    assert images["annotations"] == [] and images["info"]["results"] == str(out.resolve())
+    return results, images
+
+
+def _coco_with_results(out: Path) -> tuple[COCO, COCO]:
+    """pycocotools reads both files as they are: (`COCO(images file)`, `.loadRes(results file)`)."""
+    gt = COCO(str(images_file(out)))
+    return gt, gt.loadRes(str(out))
 
 
 @pytest.mark.slow
@@ -60,7 +73,8 @@ def test_predict_files_and_folders_skipping_unreadable(finished_sweep: Path, tmp
     assert f"skipping {broken}" in captured.err and f"skipping {missing}" in captured.err
     assert "3 images" in captured.out and "2 unreadable image(s) skipped" in captured.out
 
-    data = json.loads(out.read_text())
+    results, data = _read(out)
+    assert images_file(out) == tmp_path / "preds.images.json"
     assert [image["file_name"] for image in data["images"]] == [
         str(files[0].resolve()), str((folder / "b.PNG").resolve()), str((folder / "nested" / "a.png").resolve())]
     assert [image["id"] for image in data["images"]] == [1, 2, 3]
@@ -69,11 +83,14 @@ def test_predict_files_and_folders_skipping_unreadable(finished_sweep: Path, tmp
     # The dataset's original COCO category ids (DeepForest: 1 Tree, 2 Dead, 3 Alive; 0 is the dataset name).
     assert data["categories"] == [{"id": 1, "name": "Tree"}, {"id": 2, "name": "Dead"}, {"id": 3, "name": "Alive"}]
 
-    gt, results = _coco_with_results(data)
-    assert len(data["annotations"]) > 0  # the fixture's low thresholds keep fused boxes
-    assert set(results.getImgIds()) <= {1, 2, 3}
-    assert set(results.getCatIds()) <= {1, 2, 3}
-    for ann in results.loadAnns(results.getAnnIds()):
+    best = json.loads((finished_sweep / "best_ensemble.json").read_text())
+    assert data["info"]["score_threshold"] == best["score_threshold"]  # boxes below the ensemble's cut are left out
+    assert len(results) > 0 and all(r["score"] >= best["score_threshold"] for r in results)
+    gt, loaded = _coco_with_results(out)
+    assert len(loaded.getAnnIds()) == len(results)
+    assert set(loaded.getImgIds()) <= {1, 2, 3}
+    assert set(loaded.getCatIds()) <= {1, 2, 3}
+    for ann in loaded.loadAnns(loaded.getAnnIds()):
         x, y, w, h = ann["bbox"]
         image = gt.imgs[ann["image_id"]]
         assert w > 0 and h > 0 and x >= -1e-3 and y >= -1e-3
@@ -81,7 +98,7 @@ def test_predict_files_and_folders_skipping_unreadable(finished_sweep: Path, tmp
         assert ann["area"] == pytest.approx(w * h, rel=1e-6) and 0.0 <= ann["score"] <= 1.0
     # The same file twice gives the same boxes (images 1 and 3 are one file).
     by_image = {i: sorted((a["category_id"], *np.round(a["bbox"], 3), round(a["score"], 5))
-                          for a in data["annotations"] if a["image_id"] == i) for i in (1, 3)}
+                          for a in results if a["image_id"] == i) for i in (1, 3)}
     assert by_image[1] == by_image[3]
 
     assert sorted(p.name for p in drawn.iterdir()) == sorted([files[0].with_suffix(".png").name, "a.png", "b.png"])
@@ -93,10 +110,11 @@ def test_predict_matches_the_ensemble_jobs_held_out_predictions(finished_sweep: 
     """Same models, same fusion, same pixels: predict reproduces the ensemble job's fused held-out boxes."""
     best = json.loads((finished_sweep / "best_ensemble.json").read_text())
     files, holdout = _holdout_files(finished_sweep)
-    summary = predict_images(finished_sweep / "best_ensemble.json", files, out=tmp_path / "p.json", device="cpu")
-    assert summary.num_images == len(files) and summary.skipped == []
-    data = json.loads(summary.out.read_text())
-    ours = predictions_from_coco(data["annotations"], [image["id"] for image in data["images"]], best["category_ids"])
+    summary = predict_images(finished_sweep / "best_ensemble.json", files, out=tmp_path / "p.json", device="cpu",
+                             score_threshold=0.0)  # every fused box, as the ensemble job ranks them
+    assert summary.num_images == len(files) and summary.skipped == [] and summary.score_threshold == 0.0
+    results, data = _read(summary.out)
+    ours = predictions_from_coco(results, [image["id"] for image in data["images"]], best["category_ids"])
     job = json.loads((finished_sweep / "ensemble" / f"{best['trial_id']}.json").read_text())
     theirs = predictions_from_coco(job["predictions"], holdout, best["category_ids"])
     assert sum(len(p["boxes"]) for p in theirs) > 0
@@ -129,8 +147,8 @@ def test_predict_with_only_unreadable_images_writes_an_empty_result(finished_swe
                      "--out", str(out)])
     assert code == 1  # nothing predicted
     assert f"skipping {broken}" in capsys.readouterr().err
-    data = json.loads(out.read_text())
-    assert data["images"] == [] and data["annotations"] == [] and len(data["skipped"]) == 1
+    results, data = _read(out)
+    assert results == [] and data["images"] == [] and len(data["skipped"]) == 1
 
 
 def test_empty_folder_is_an_error_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -162,3 +180,32 @@ def test_read_image_file_converts_to_rgb_and_names_bad_files(tmp_path: Path) -> 
     bad.write_bytes(b"")
     with pytest.raises(PredictError, match=re.escape(str(bad))):
         read_image_file(bad)
+
+
+def test_results_file_is_what_pycocotools_loadres_reads(tmp_path: Path) -> None:
+    # The writer predict_images uses: a results list in preds.json, the images beside it in preds.images.json.
+    import torch as _torch
+
+    from search.ensemble import predictions_to_coco
+
+    preds = [{"boxes": _torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 5.5, 4.0]]), "scores": _torch.tensor([0.9, 0.4]),
+              "labels": _torch.tensor([1, 2])},
+             {"boxes": _torch.zeros(0, 4), "scores": _torch.zeros(0), "labels": _torch.zeros(0, dtype=_torch.int64)}]
+    results = predictions_to_coco(preds, [1, 2], category_ids=[7, 3])  # labels 1, 2 -> COCO ids 7, 3
+    out = tmp_path / "preds.json"
+    written = write_predictions(
+        out, results=results, info={"score_threshold": 0.3},
+        images=[{"id": 1, "file_name": "/x/a.png", "width": 80, "height": 70},
+                {"id": 2, "file_name": "/x/b.png", "width": 30, "height": 30}],
+        categories=[{"id": 7, "name": "Tree"}, {"id": 3, "name": "Dead"}], skipped=[("/x/c.png", "no such file")])
+    assert written == tmp_path / "preds.images.json" == images_file(out)
+    assert json.loads(out.read_text()) == [
+        {"image_id": 1, "category_id": 7, "bbox": [10.0, 20.0, 40.0, 40.0], "score": pytest.approx(0.9)},
+        {"image_id": 1, "category_id": 3, "bbox": [0.0, 0.0, 5.5, 4.0], "score": pytest.approx(0.4)}]
+    gt, loaded = _coco_with_results(out)
+    assert sorted(gt.getImgIds()) == [1, 2] and sorted(gt.getCatIds()) == [3, 7]
+    anns = loaded.loadAnns(loaded.getAnnIds(imgIds=[1]))
+    # loadRes adds id, area (w * h = 40 * 40 and 5.5 * 4) and iscrowd 0 itself
+    assert [(a["category_id"], a["area"], a["iscrowd"]) for a in anns] == [(7, 1600.0, 0), (3, 22.0, 0)]
+    assert json.loads(written.read_text())["skipped"] == [{"file": "/x/c.png", "error": "no such file"}]
+    assert images_file(tmp_path / "out" / "run.json") == tmp_path / "out" / "run.images.json"
