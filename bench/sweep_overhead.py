@@ -152,7 +152,7 @@ def run_sequential(config, experiment_dir: Path, params: dict[str, Any], *, thre
     torch.set_num_threads(threads)
     trial_config = apply_trial_params(config.base, params)
     started = time.perf_counter()
-    index = load_dataset(trial_config.data.path, filter_empty=trial_config.data.filter_empty)
+    index = load_dataset(trial_config.data.path, filter_empty=False)
     split = Split.from_json(experiment_dir / SPLIT_JSON)
     folds = []
     for k in range(split.num_folds):

@@ -28,9 +28,13 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "data/deepforest"  # COCO .json or a Roboflow export folder (train/ valid/ test/)
-    filter_empty: bool = True  # drop images without annotations from training
+    # Images without boxes are trained on only when false; they always stay in validation, selection and
+    # test (false positives there must cost).
+    filter_empty: bool = True
     num_folds: int = 3
-    holdout_fraction: float = 0.2  # used when the dataset has no Roboflow test/ folder
+    # Held-out shares of all images when the dataset has no Roboflow valid/ (selection) or test/ folder.
+    selection_fraction: float = 0.15
+    test_fraction: float = 0.15
     class_balanced_sampling: bool = True  # LVIS repeat-factor sampling of rare-class images
     repeat_threshold: float = 0.3  # RFS threshold t: classes in fewer than t of the images repeat
     num_workers: int = 0  # DataLoader workers per fold
@@ -44,8 +48,12 @@ class DataConfig:
         _check(self.verify in VERIFY_MODES, where, "data.verify", f"one of {list(VERIFY_MODES)}, got {self.verify!r}")
         _check(self.on_bad_image in ON_BAD_IMAGE, where, "data.on_bad_image",
                f"one of {list(ON_BAD_IMAGE)}, got {self.on_bad_image!r}")
-        _check(0.0 <= self.holdout_fraction < 1.0, where, "data.holdout_fraction",
-               f"a number in [0, 1), got {self.holdout_fraction}")
+        for key in ("selection_fraction", "test_fraction"):
+            value = getattr(self, key)
+            _check(0.0 <= value < 1.0, where, f"data.{key}", f"a number in [0, 1), got {value}")
+        _check(self.selection_fraction + self.test_fraction < 1.0, where, "data.selection_fraction",
+               f"such that selection_fraction + test_fraction < 1, got {self.selection_fraction} + "
+               f"{self.test_fraction}")
         _check(self.repeat_threshold > 0.0, where, "data.repeat_threshold", f"> 0, got {self.repeat_threshold}")
         _check(self.num_workers >= 0, where, "data.num_workers", f">= 0, got {self.num_workers}")
 
@@ -123,7 +131,9 @@ class TrainConfig:
     amp: bool = True  # mixed precision; only takes effect on CUDA
     grad_clip: float = 10.0
     patience: int = 5  # early stopping on the validation score; 0 disables
-    score_threshold: float = 0.5  # F1 and WBF skip_box_thr
+    # F1's score cut; null: the F1-optimal cut on each evaluation's own predictions (a sweep then picks the
+    # trial's threshold on its out-of-fold predictions). mAP always uses every box.
+    score_threshold: float | None = None
     augment: bool = True
     eval_batch_size: int = 4
 
@@ -142,8 +152,9 @@ class TrainConfig:
         _check(0 < self.min_lr_ratio <= 1, where, "train.min_lr_ratio", f"in (0, 1], got {self.min_lr_ratio}")
         _check(self.grad_clip >= 0, where, "train.grad_clip", f">= 0 (0 disables), got {self.grad_clip}")
         _check(self.patience >= 0, where, "train.patience", f">= 0 (0 disables), got {self.patience}")
-        _check(0.0 <= self.score_threshold < 1.0, where, "train.score_threshold",
-               f"a number in [0, 1), got {self.score_threshold}")
+        if self.score_threshold is not None:
+            _check(0.0 <= self.score_threshold < 1.0, where, "train.score_threshold",
+                   f"null (F1-optimal) or a number in [0, 1), got {self.score_threshold}")
         _check(self.eval_batch_size >= 1, where, "train.eval_batch_size", f">= 1, got {self.eval_batch_size}")
 
     def image_size_at(self, epoch: int) -> int:

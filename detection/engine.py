@@ -29,6 +29,7 @@ __all__ = [
     "WarmupCosineFactor",
     "build_optimizer",
     "build_warmup_cosine_scheduler",
+    "collect_predictions",
     "evaluate",
     "predict",
     "train_one_epoch",
@@ -179,16 +180,32 @@ def evaluate(
     loader: Iterable[Batch],
     *,
     device: torch.device | str,
-    score_threshold: float,
+    score_threshold: float | None,
     class_names: Sequence[str],
 ) -> dict[str, float]:
     """Predict every batch of ``loader`` in eval mode and compute :func:`detection_metrics`.
 
     Targets must be in the pixels of the images the loader yields (boxes xyxy absolute), which is
     where the detector's predictions come back. The model's train/eval mode is restored afterwards.
+    ``score_threshold=None``: F1 at the F1-optimal threshold of these predictions.
 
     Returns:
-        ``map, map_50, map_75, f1, precision, recall, score`` and ``ap/<name>``, ``ap_50/<name>``.
+        ``map, map_50, map_75, f1, precision, recall, score, score_threshold`` and ``ap/<name>``, ``ap_50/<name>``.
+    """
+    preds, targets = collect_predictions(model, loader, device=device)
+    return detection_metrics(preds, targets, score_threshold=score_threshold, class_names=class_names)
+
+
+def collect_predictions(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    *,
+    device: torch.device | str,
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """Eval-mode predictions of every batch of ``loader`` and the matching targets, on the CPU, in order.
+
+    ``preds[i]``: ``boxes`` [N, 4] xyxy absolute, ``scores`` [N], ``labels`` [N]; ``targets[i]``: ``boxes``,
+    ``labels``, ``iscrowd`` (and ``image_id`` when the loader gives it).
     """
     device = torch.device(device)
     preds: list[dict[str, torch.Tensor]] = []
@@ -200,10 +217,10 @@ def evaluate(
             for images, batch_targets in loader:
                 outputs = model([image.to(device, non_blocking=True) for image in images])
                 preds.extend(_to_cpu(output, ("boxes", "scores", "labels")) for output in outputs)
-                targets.extend(_to_cpu(target, ("boxes", "labels", "iscrowd")) for target in batch_targets)
+                targets.extend(_to_cpu(target, ("boxes", "labels", "iscrowd", "image_id")) for target in batch_targets)
     finally:
         model.train(was_training)
-    return detection_metrics(preds, targets, score_threshold=score_threshold, class_names=class_names)
+    return preds, targets
 
 
 def predict(

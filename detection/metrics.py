@@ -17,6 +17,8 @@ import importlib.util
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +28,11 @@ from torchvision.ops import box_iou
 __all__ = [
     "MAX_DETECTIONS",
     "METRIC_NAMES",
+    "Matches",
+    "best_f1_threshold",
     "detection_metrics",
     "f1_at_iou",
+    "match_predictions",
     "mean_average_precision",
     "precision_recall_curve",
 ]
@@ -55,7 +60,7 @@ def detection_metrics(
     preds: Detections,
     targets: Detections,
     *,
-    score_threshold: float,
+    score_threshold: float | None,
     class_names: Sequence[str],
     max_detections: int = MAX_DETECTIONS,
 ) -> dict[str, float]:
@@ -63,7 +68,9 @@ def detection_metrics(
 
     ``map``/``map_50``/``map_75`` and the per-class APs use every prediction (COCO ranks by score,
     a threshold would only lower AP); ``f1``/``precision``/``recall`` use the predictions with
-    ``score >= score_threshold`` (see :func:`f1_at_iou`).
+    ``score >= score_threshold`` (see :func:`f1_at_iou`). ``score_threshold=None`` picks the
+    F1-optimal threshold on these predictions (:func:`best_f1_threshold`); the threshold used is
+    returned as ``score_threshold`` either way.
 
     Undefined values (no ground truth at all, or a class without ground truth) are reported as
     0.0, never as torchmetrics' -1, so that fold means stay finite and comparable.
@@ -82,8 +89,10 @@ def detection_metrics(
     """
     _check_inputs(preds, targets)
     result = mean_average_precision(preds, targets, class_names=class_names, max_detections=max_detections)
+    if score_threshold is None:
+        score_threshold = best_f1_threshold(preds, targets, iou_threshold=0.5)
     precision, recall, f1 = f1_at_iou(preds, targets, score_threshold=score_threshold, iou_threshold=0.5)
-    result.update(f1=f1, precision=precision, recall=recall)
+    result.update(f1=f1, precision=precision, recall=recall, score_threshold=float(score_threshold))
     result["score"] = 0.5 * result["map_50"] + 0.5 * f1
     return result
 
@@ -178,6 +187,107 @@ def f1_at_iou(
     return precision, recall, f1
 
 
+@dataclass(frozen=True)
+class Matches:
+    """Every prediction of a set of images, matched once (greedy, class-aware, see :func:`f1_at_iou`).
+
+    ``scores`` float64 [P] descending, ``is_tp`` bool [P], ``counted`` bool [P] (False: it only matched a
+    crowd box), ``num_gt`` the non-crowd ground-truth boxes. Matches of disjoint image sets pool with
+    :meth:`concat`, so K folds' out-of-fold predictions give one precision-recall curve without the images.
+    """
+
+    scores: np.ndarray
+    is_tp: np.ndarray
+    counted: np.ndarray
+    num_gt: int
+
+    @staticmethod
+    def concat(parts: Sequence[Matches]) -> Matches:
+        if not parts:
+            return Matches(np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=bool), 0)
+        scores = np.concatenate([p.scores for p in parts])
+        order = np.argsort(-scores, kind="stable")
+        return Matches(scores[order], np.concatenate([p.is_tp for p in parts])[order],
+                       np.concatenate([p.counted for p in parts])[order], sum(p.num_gt for p in parts))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scores": self.scores.tolist(), "is_tp": self.is_tp.tolist(), "counted": self.counted.tolist(),
+                "num_gt": self.num_gt}
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> Matches:
+        return Matches(np.asarray(data["scores"], dtype=np.float64), np.asarray(data["is_tp"], dtype=bool),
+                       np.asarray(data["counted"], dtype=bool), int(data["num_gt"]))
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(precision [P], recall [P], thresholds [P])``: see :func:`precision_recall_curve`."""
+        if not len(self.scores):
+            return np.zeros(0), np.zeros(0), np.zeros(0)
+        cum_tp = np.cumsum(self.is_tp)
+        cum_fp = np.cumsum(~self.is_tp & self.counted)
+        denom = cum_tp + cum_fp
+        precision = np.divide(cum_tp, denom, out=np.zeros(len(self.scores)), where=denom > 0)
+        recall = cum_tp / self.num_gt if self.num_gt else np.zeros(len(self.scores))
+        return precision, recall.astype(np.float64), self.scores.copy()
+
+    def best_f1(self, *, floor: float = 0.0) -> tuple[float, float]:
+        """``(threshold, f1)``: the score threshold with the highest F1 and that F1.
+
+        Every distinct score is a candidate (F1 only changes where a prediction enters), so no threshold
+        gives a higher F1 on the same predictions. Ties go to the higher threshold (fewer boxes, same F1).
+        Without predictions, or when nothing matches, ``(0.5, 0.0)``. Candidates below ``floor`` are skipped.
+        """
+        precision, recall, thresholds = self.curve()
+        if not len(thresholds):
+            return 0.5, 0.0
+        denom = precision + recall
+        f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+        # Point j counts every prediction with score >= thresholds[j]; among equal scores only the last
+        # point of the run is a threshold that can actually be applied.
+        last_of_run = np.append(thresholds[1:] != thresholds[:-1], True)
+        f1 = np.where(last_of_run & (thresholds >= floor), f1, -1.0)
+        if f1.max() <= 0:
+            return 0.5, 0.0
+        best = int(np.flatnonzero(f1 == f1.max())[0])  # thresholds descend: the first is the highest
+        return float(thresholds[best]), float(f1[best])
+
+    def f1_at(self, score_threshold: float) -> float:
+        """F1 of the predictions with ``score >= score_threshold`` (equals :func:`f1_at_iou`)."""
+        keep = self.scores >= np.float32(score_threshold)  # as torch compares float32 scores with a Python float
+        tp = int((self.is_tp & keep).sum())
+        fp = int((~self.is_tp & self.counted & keep).sum())
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / self.num_gt if self.num_gt else 0.0
+        return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def match_predictions(
+    preds: Detections,
+    targets: Detections,
+    *,
+    iou_threshold: float = 0.5,
+    label: int | None = None,
+) -> Matches:
+    """Match every prediction once (the matching of :func:`f1_at_iou`); ``label`` keeps one class only."""
+    _check_inputs(preds, targets)
+    _check_iou_threshold(iou_threshold)
+    parts = []
+    for pred, target in zip(preds, targets):
+        pred, target = _as_pred(pred), _as_target(target)
+        if label is not None:
+            pred = {key: value[pred["labels"] == label] for key, value in pred.items()}
+            target = {key: value[target["labels"] == label] for key, value in target.items()}
+        is_tp, ignored, num_gt = _match_image(pred["boxes"], pred["scores"], pred["labels"], target, iou_threshold)
+        order = torch.argsort(pred["scores"], descending=True, stable=True)
+        parts.append(Matches(pred["scores"][order].double().numpy(), is_tp.numpy(), ~ignored.numpy(), num_gt))
+    return Matches.concat(parts)
+
+
+def best_f1_threshold(preds: Detections, targets: Detections, *, iou_threshold: float = 0.5) -> float:
+    """The F1-optimal score threshold on these predictions (:meth:`Matches.best_f1`)."""
+    return match_predictions(preds, targets, iou_threshold=iou_threshold).best_f1()[0]
+
+
 def precision_recall_curve(
     preds: Detections,
     targets: Detections,
@@ -198,34 +308,7 @@ def precision_recall_curve(
         point per prediction (ties in score give one point each); empty arrays without predictions.
         ``recall`` is 0.0 everywhere when there is no ground truth.
     """
-    _check_inputs(preds, targets)
-    _check_iou_threshold(iou_threshold)
-    scores_all, tp_all, ignored_all = [], [], []
-    num_gt_total = 0
-    for pred, target in zip(preds, targets):
-        pred, target = _as_pred(pred), _as_target(target)
-        if label is not None:
-            pred = {key: value[pred["labels"] == label] for key, value in pred.items()}
-            target = {key: value[target["labels"] == label] for key, value in target.items()}
-        is_tp, ignored, num_gt = _match_image(pred["boxes"], pred["scores"], pred["labels"], target, iou_threshold)
-        order = torch.argsort(pred["scores"], descending=True, stable=True)
-        scores_all.append(pred["scores"][order].double().numpy())
-        tp_all.append(is_tp.numpy())
-        ignored_all.append(ignored.numpy())
-        num_gt_total += num_gt
-    if not scores_all or sum(len(s) for s in scores_all) == 0:
-        return np.zeros(0), np.zeros(0), np.zeros(0)
-    scores = np.concatenate(scores_all)
-    is_tp = np.concatenate(tp_all)
-    counted = ~np.concatenate(ignored_all)
-    order = np.argsort(-scores, kind="stable")
-    scores, is_tp, counted = scores[order], is_tp[order], counted[order]
-    cum_tp = np.cumsum(is_tp)
-    cum_fp = np.cumsum(~is_tp & counted)
-    denom = cum_tp + cum_fp
-    precision = np.divide(cum_tp, denom, out=np.zeros(len(scores)), where=denom > 0)
-    recall = cum_tp / num_gt_total if num_gt_total else np.zeros(len(scores))
-    return precision, recall.astype(np.float64), scores
+    return match_predictions(preds, targets, iou_threshold=iou_threshold, label=label).curve()
 
 
 def _match_image(

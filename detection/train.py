@@ -38,9 +38,9 @@ def train_fold(
     Writes `best.pt` (model state_dict of the best validation epoch; the last epoch with `all_data`),
     `last.pt` (the full resume state) and `train.json` (config, classes, per-epoch metrics) to `out_dir`.
     """
-    index = load_dataset(config.data.path, filter_empty=config.data.filter_empty)
-    split = make_split(index, num_folds=config.data.num_folds, holdout_fraction=config.data.holdout_fraction,
-                       seed=config.seed)
+    index = load_dataset(config.data.path, filter_empty=False)
+    split = make_split(index, num_folds=config.data.num_folds, selection_fraction=config.data.selection_fraction,
+                       test_fraction=config.data.test_fraction, seed=config.seed)
     if all_data:
         train_ids, val_ids = tuple(r.image_id for r in index.images), ()
     else:

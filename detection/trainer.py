@@ -25,9 +25,11 @@ from detection.engine import (
     EarlyStopping,
     build_optimizer,
     build_warmup_cosine_scheduler,
-    evaluate,
+    collect_predictions,
     train_one_epoch,
 )
+from detection.metrics import detection_metrics, match_predictions
+from detection.predictions import SavedPredictions
 from detection.models.factory import build_detector, set_image_size
 
 
@@ -74,8 +76,11 @@ class FoldTrainer:
         seed: int | None = None,
         progress: bool = False,
     ) -> None:
+        if config.data.filter_empty:  # not trained on; they stay in validation
+            train_ids = [i for i in train_ids if len(index.by_id(i).boxes)]
         if not train_ids:
-            raise ValueError("FoldTrainer needs at least one training image, got an empty `train_ids`.")
+            raise ValueError("FoldTrainer needs at least one training image (with boxes when data.filter_empty), "
+                             "got an empty `train_ids`.")
         self.config = config
         self.index = index
         self.device = resolve_device(device)
@@ -101,7 +106,8 @@ class FoldTrainer:
             freeze_backbone_epochs=model_cfg.freeze_backbone_epochs,
         ).to(self.device)
 
-        self.train_set = CocoDetection(index, list(train_ids), transforms=None)
+        # Crowd boxes are ignored in training as the metrics ignore them (torchvision's references drop them).
+        self.train_set = CocoDetection(index, list(train_ids), transforms=None, drop_crowd=True)
         self.val_set = CocoDetection(index, list(val_ids), transforms=build_eval_transforms(None))
         self.sampler = None
         if config.data.class_balanced_sampling:
@@ -129,6 +135,7 @@ class FoldTrainer:
         self.best_score = -math.inf
         self.best_epoch = -1
         self.improved = False  # whether the last evaluate() gave this fold's best score
+        self.best_predictions: SavedPredictions | None = None  # validation predictions of the best epoch
         self.should_stop = False
 
     # -- one epoch -------------------------------------------------------------------------------
@@ -173,17 +180,23 @@ class FoldTrainer:
         }
 
     def evaluate(self) -> dict[str, float]:
-        """Metrics on this fold's validation images at full input size; updates early stopping."""
+        """Metrics on this fold's validation images at full input size; updates early stopping.
+
+        F1 is at `train.score_threshold`, or at the F1-optimal threshold of these predictions when it is
+        None. The predictions of the best epoch so far are kept in `best_predictions` (out-of-fold).
+        """
         start = time.perf_counter()
         set_image_size(self.model, self.config.train.image_size)
         loader = DataLoader(self.val_set, batch_size=self.config.train.eval_batch_size, shuffle=False,
                             num_workers=self.config.data.num_workers, collate_fn=collate_detection)
-        metrics = evaluate(self.model, loader, device=self.device,
-                           score_threshold=self.config.train.score_threshold, class_names=self.index.class_names)
+        preds, targets = collect_predictions(self.model, loader, device=self.device)
+        metrics = detection_metrics(preds, targets, score_threshold=self.config.train.score_threshold,
+                                    class_names=self.index.class_names)
         score = metrics["score"]
         self.improved = score > self.best_score
         if self.improved:
             self.best_score, self.best_epoch = score, self.epoch
+            self.best_predictions = SavedPredictions(self.val_set.ids, preds, match_predictions(preds, targets))
         if self.early_stopping is not None:
             self.should_stop = self.early_stopping.step(score)
         return {**metrics, "epoch": self.epoch, "eval_time_s": time.perf_counter() - start}

@@ -77,7 +77,9 @@ class SpaceConfig:
 
     lr: FloatRange = field(default_factory=lambda: FloatRange(1e-4, 1e-1))  # log-uniform
     batch_size: tuple[int, ...] = (4, 8)  # categorical
-    score_threshold: FloatRange = field(default_factory=lambda: FloatRange(0.2, 0.6))  # uniform
+    # None (the default): each trial's threshold is the F1-optimal one on its out-of-fold predictions, no
+    # trial spent per value; a range makes it a sampled trial param (uniform) again.
+    score_threshold: FloatRange | None = None
     detectors: tuple[DetectorChoice, ...] = ()
 
 
@@ -91,7 +93,7 @@ class ASHAConfig:
 class SearchConfig:
     num_samples: int = 4
     max_concurrent_trials: int = 1
-    metric: str = "score_mean"
+    metric: str = "cv_score"  # fold mean of each fold's best-epoch score: the models the trial keeps
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["none", "asha"] = "none"
     asha: ASHAConfig = field(default_factory=ASHAConfig)
@@ -110,10 +112,13 @@ class ResourcesConfig:
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    """The final job: Weighted Boxes Fusion of each trial's best fold models on the held-out split."""
+    """The final job: Weighted Boxes Fusion of fold models, chosen on the selection split (search/ensemble.py)."""
 
     iou_thr: float = 0.55
     conf_type: str = "avg"
+    skip_box_thr: float = 0.01  # WBF drops boxes below this fixed floor (mAP ranks every box above it)
+    max_models: int = 8  # greedy cross-trial selection: at most this many models (with repeats); 1 disables it
+    greedy_candidates: int = 24  # the strongest single fold models (on the selection split) it chooses from
     cpus: float = 1.0
     gpus: float = 0.0
 
@@ -270,7 +275,7 @@ def _validate_search(search: SearchConfig, train: TrainConfig, where: str) -> No
     _check(search.num_samples >= 1, where, "search.num_samples", f"an integer >= 1, got {search.num_samples}")
     _check(search.max_concurrent_trials >= 1, where, "search.max_concurrent_trials",
            f"an integer >= 1, got {search.max_concurrent_trials}")
-    allowed = [f"{m}_{s}" for m in METRIC_NAMES for s in ("mean", "std")] + ["best_score"]
+    allowed = ["cv_score"] + [f"{m}_{s}" for m in METRIC_NAMES for s in ("mean", "std")] + ["best_score", "oof_f1"]
     _check(search.metric in allowed, where, "search.metric", f"one of {allowed}, got {search.metric!r}")
     _check(search.n_startup_trials >= 0, where, "search.n_startup_trials", f">= 0, got {search.n_startup_trials}")
     if search.scheduler == "asha":
@@ -280,7 +285,8 @@ def _validate_search(search: SearchConfig, train: TrainConfig, where: str) -> No
                f"> 1, got {search.asha.reduction_factor}")
     space = search.space
     _check_range(space.lr, where, "search.space.lr", lowest=0.0, highest=math.inf, log=True)
-    _check_range(space.score_threshold, where, "search.space.score_threshold", lowest=0.0, highest=1.0)
+    if space.score_threshold is not None:
+        _check_range(space.score_threshold, where, "search.space.score_threshold", lowest=0.0, highest=1.0)
     _check(len(space.batch_size) >= 1, where, "search.space.batch_size", "a non-empty list of integers >= 1")
     for i, b in enumerate(space.batch_size):
         _check(b >= 1, where, f"search.space.batch_size[{i}]", f"an integer >= 1, got {b}")
@@ -325,6 +331,10 @@ def _validate_ensemble(ens: EnsembleConfig, where: str) -> None:
     _check(0 < ens.iou_thr < 1, where, "ensemble.iou_thr", f"a number in (0, 1), got {ens.iou_thr}")
     _check(ens.conf_type in WBF_CONF_TYPES, where, "ensemble.conf_type",
            f"one of {list(WBF_CONF_TYPES)}, got {ens.conf_type!r}")
+    _check(0.0 <= ens.skip_box_thr < 1.0, where, "ensemble.skip_box_thr", f"a number in [0, 1), got {ens.skip_box_thr}")
+    _check(ens.max_models >= 1, where, "ensemble.max_models", f"an integer >= 1, got {ens.max_models}")
+    _check(ens.greedy_candidates >= 1, where, "ensemble.greedy_candidates",
+           f"an integer >= 1, got {ens.greedy_candidates}")
     _check(ens.cpus > 0, where, "ensemble.cpus", f"> 0, got {ens.cpus}")
     g = ens.gpus
     _check(g >= 0 and (g <= 1 or float(g).is_integer()), where, "ensemble.gpus",

@@ -1,25 +1,31 @@
-"""The final ensemble job: fuse each finished trial's best fold models on the held-out split and rank the trials.
+"""The final ensemble job: choose an ensemble of the sweep's fold models on the selection split, score it once
+on the test split (the evaluation protocol of DESIGN.md).
 
 For every trial that Tune finished (status TERMINATED, with a checkpoint) the job
 
 1. reads the checkpoint's `trial.json` and `best/best.json` (its `keep_best` best fold models, best first),
 2. rebuilds those models (`build_detector(..., start="none")` + the saved state dict; Faster R-CNN's
-   k-means anchor shapes come back from the state dict),
-3. predicts the held-out images of `split.json` at full resolution (the models resize internally and
-   answer in each image's own pixels, `xyxy absolute`),
-4. fuses the models' boxes with Weighted Boxes Fusion (`detection.fusion.fuse_predictions`):
-   `skip_box_thr` = the trial's score threshold, model weights = the models' fold validation scores
-   (at least `MIN_MODEL_WEIGHT`: WBF needs positive weights), `iou_thr` and `conf_type` from the sweep's
-   `ensemble` section,
-5. scores the fused boxes with `detection.metrics.detection_metrics` (map, map_50, map_75, f1, score, ...).
+   k-means anchor shapes come back from the state dict) in one Ray task per trial, which predicts the
+   selection images at full resolution (the models resize internally and answer in each image's own
+   pixels, `xyxy absolute`),
+3. scores, on the selection split, each fold model alone and the trial's models fused with Weighted Boxes
+   Fusion (`detection.fusion.fuse_predictions`; model weights = the models' fold validation scores,
+   `skip_box_thr` = the fixed floor `ensemble.skip_box_thr`), F1 at the threshold that is F1-optimal on
+   those selection predictions (the threshold is part of what the selection split chooses),
+4. builds a cross-trial ensemble by greedy forward selection with replacement (Caruana et al. 2004) over the
+   fold models of all finished trials, WBF-fused, at most `ensemble.max_models` models,
+5. picks the winner on the selection split (the best trial's ensemble or the greedy one, whichever scores
+   higher) and scores only the winner, and the best single fold model for comparison, on the test split,
+   at the thresholds the selection split chose. Nothing is chosen on the test split.
 
-Trials run as parallel Ray tasks, each with the sweep's `ensemble.cpus`/`ensemble.gpus`. The job writes,
-into the experiment folder (docs/INTERFACES.md):
+The job writes, into the experiment folder (docs/INTERFACES.md):
 
-    ensemble/<trial_id>.json   the trial's fused held-out predictions (COCO results style) and metrics
-    leaderboard.csv / .md      every trial, ranked by ensemble score; errored trials listed, not ensembled
-    best_ensemble.json         the best trial's ensemble: model files (copied to best_ensemble/, so Tune's
-    best_ensemble/rank-<r>.pt  checkpoint rotation cannot remove them), classes, WBF parameters
+    ensemble/<trial_id>.json   the trial's fused selection-split predictions (COCO results style) and metrics
+    ensemble/test.json         the chosen ensemble's test-split predictions and metrics (the final figures)
+    leaderboard.csv / .md      every trial: best single model and fused ensemble on the selection split; then
+                               the greedy ensemble, the chosen ensemble and its test figures
+    best_ensemble.json         the chosen ensemble: model files (copied to best_ensemble/, so Tune's
+    best_ensemble/<file>.pt    checkpoint rotation cannot remove them), classes, WBF parameters, threshold
 
 `load_ensemble` + `predict_ensemble` run a saved ensemble on new images (the predict command uses them).
 """
@@ -33,6 +39,7 @@ import logging
 import math
 import os
 import shutil
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,7 +80,8 @@ BEST_ENSEMBLE_DIR = "best_ensemble"
 BEST_ENSEMBLE_JSON = "best_ensemble.json"
 LEADERBOARD_CSV = "leaderboard.csv"
 LEADERBOARD_MD = "leaderboard.md"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: models of several trials (arch/backbone/image_size per model), name, tuned threshold
+GREEDY = "greedy"  # the name of the cross-trial ensemble
 # WBF needs positive model weights; a fold model whose validation score is 0 still gets a tiny vote.
 MIN_MODEL_WEIGHT = 1e-3
 # What the leaderboard reports of the fused held-out predictions (the same strings as everywhere).
@@ -90,45 +98,50 @@ class EnsembleError(ValueError):
 
 @dataclass(frozen=True)
 class EnsembleModel:
-    """One fold model of an ensemble: its weights file and where it came from."""
+    """One fold model of an ensemble: its weights file, how to rebuild it and where it came from."""
 
     path: str  # absolute path of the state_dict file (torch.save; loads with weights_only=True)
+    trial_id: str
+    arch: str
+    backbone: str
+    image_size: int  # the model resizes inputs to this longest side; boxes come back in input pixels
     rank: int  # 1 = the trial's best fold model
     fold: int
     epoch: int  # 1-based epoch of the fold's best validation score
     score: float  # the fold's validation score at that epoch (0.5 * map_50 + 0.5 * f1)
 
+    @property
+    def key(self) -> str:
+        """`<trial_id>/fold-<k>`: unique within a sweep."""
+        return f"{self.trial_id}/fold-{self.fold}"
+
 
 @dataclass(frozen=True)
 class EnsembleSpec:
-    """Everything needed to rebuild a trial's models and fuse their predictions.
+    """Everything needed to rebuild an ensemble's models and fuse their predictions.
 
-    `best_ensemble.json` is `to_json()` of the best trial's spec (plus its params, metrics and split hash).
-    Labels are contiguous `1..num_classes`; label `i + 1` is `class_names[i]`, COCO category `category_ids[i]`.
+    `name` is the trial id of a trial's own ensemble, or `GREEDY` for the cross-trial one. The models may
+    come from several trials (each has its arch, backbone and input size). `best_ensemble.json` is
+    `to_json()` of the chosen ensemble (plus its selection and test metrics and the split hash). Labels are
+    contiguous `1..num_classes`; label `i + 1` is `class_names[i]`, COCO category `category_ids[i]`.
     """
 
-    trial_id: str
-    arch: str
-    backbone: str
+    name: str
     num_classes: int
-    image_size: int  # the models resize inputs to this longest side; boxes come back in input pixels
     class_names: tuple[str, ...]
     category_ids: tuple[int, ...]
-    score_threshold: float  # the trial's threshold: F1 counts fused boxes at or above it
+    score_threshold: float  # F1-optimal on the selection split: F1 and `predict --draw` count boxes above it
     models: tuple[EnsembleModel, ...]
     weights: tuple[float, ...]  # WBF model weights, one per model
     iou_thr: float
-    skip_box_thr: float
+    skip_box_thr: float  # a low fixed floor, not the score threshold
     conf_type: str
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": MANIFEST_FORMAT,
-            "trial_id": self.trial_id,
-            "arch": self.arch,
-            "backbone": self.backbone,
+            "name": self.name,
             "num_classes": self.num_classes,
-            "image_size": self.image_size,
             "class_names": list(self.class_names),
             "category_ids": list(self.category_ids),
             "score_threshold": self.score_threshold,
@@ -140,16 +153,21 @@ class EnsembleSpec:
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, where: str) -> EnsembleSpec:
         """Read `to_json()` back; `EnsembleError` names `where` and the missing or bad key."""
+        if data.get("format") != MANIFEST_FORMAT:
+            raise EnsembleError(f"{where}: `format` is {data.get('format')!r}, but this version reads ensemble "
+                                f"manifests of format {MANIFEST_FORMAT}; run `detsweep ensemble` on the "
+                                "experiment again to rewrite it.")
         try:
             wbf = data["wbf"]
             spec = cls(
-                trial_id=str(data["trial_id"]), arch=str(data["arch"]), backbone=str(data["backbone"]),
-                num_classes=int(data["num_classes"]), image_size=int(data["image_size"]),
+                name=str(data["name"]), num_classes=int(data["num_classes"]),
                 class_names=tuple(str(n) for n in data["class_names"]),
                 category_ids=tuple(int(c) for c in data["category_ids"]),
                 score_threshold=float(data["score_threshold"]),
-                models=tuple(EnsembleModel(path=str(m["path"]), rank=int(m["rank"]), fold=int(m["fold"]),
-                                           epoch=int(m["epoch"]), score=float(m["score"])) for m in data["models"]),
+                models=tuple(EnsembleModel(
+                    path=str(m["path"]), trial_id=str(m["trial_id"]), arch=str(m["arch"]), backbone=str(m["backbone"]),
+                    image_size=int(m["image_size"]), rank=int(m["rank"]), fold=int(m["fold"]), epoch=int(m["epoch"]),
+                    score=float(m["score"])) for m in data["models"]),
                 weights=tuple(float(w) for w in wbf["weights"]), iou_thr=float(wbf["iou_thr"]),
                 skip_box_thr=float(wbf["skip_box_thr"]), conf_type=str(wbf["conf_type"]),
             )
@@ -173,8 +191,7 @@ class EnsembleSpec:
                                 f"{len(self.category_ids)}.")
 
 
-_SPEC_KEYS = {"trial_id", "arch", "backbone", "num_classes", "image_size", "class_names", "category_ids",
-              "score_threshold", "models", "wbf"}
+_SPEC_KEYS = {"format", "name", "num_classes", "class_names", "category_ids", "score_threshold", "models", "wbf"}
 
 
 # ------------------------------------------------------------------------------------ models and fusion
@@ -192,7 +209,7 @@ def build_ensemble_models(spec: EnsembleSpec, *, device: str | torch.device,
     from detection.models.factory import build_detector
 
     if model_bytes is not None and len(model_bytes) != len(spec.models):
-        raise ValueError(f"Expected one state per model of trial {spec.trial_id} ({len(spec.models)}), "
+        raise ValueError(f"Expected one state per model of ensemble {spec.name} ({len(spec.models)}), "
                          f"but got {len(model_bytes)}.")
     models = []
     for i, entry in enumerate(spec.models):
@@ -201,11 +218,11 @@ def build_ensemble_models(spec: EnsembleSpec, *, device: str | torch.device,
         else:
             path = Path(entry.path)
             if not path.is_file():
-                raise EnsembleError(f"{path}: model file of trial {spec.trial_id} (rank {entry.rank}, "
+                raise EnsembleError(f"{path}: model file of trial {entry.trial_id} (rank {entry.rank}, "
                                     f"fold {entry.fold}) not found.")
             state = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_detector(arch=spec.arch, backbone=spec.backbone, num_classes=spec.num_classes,
-                               image_size=spec.image_size, start="none",
+        model = build_detector(arch=entry.arch, backbone=entry.backbone, num_classes=spec.num_classes,
+                               image_size=entry.image_size, start="none",
                                anchor_shapes=anchor_shapes_from_state_dict(state))
         model.load_state_dict(state)
         models.append(model.to(device).eval())
@@ -217,7 +234,7 @@ def predict_ensemble(
 ) -> list[dict[str, torch.Tensor]]:
     """Fused predictions of `models` on `images` (float [3, H, W] in [0, 1], any sizes, full resolution).
 
-    Every model predicts every image (it resizes internally to `params.image_size`), then WBF fuses the
+    Every model predicts every image (each resizes internally to its own input size), then WBF fuses the
     models' boxes per image with `params.weights`, `iou_thr`, `skip_box_thr` and `conf_type`.
 
     Returns:
@@ -329,29 +346,33 @@ class _TrialInfo:
     status: str  # Tune's: TERMINATED, ERROR, RUNNING, PENDING, PAUSED
     params: dict[str, Any]
     checkpoint: str | None  # the latest checkpoint folder
-    cv_score_mean: float | None  # the best reported fold-mean score and its std at that epoch
-    cv_score_std: float | None
-    cv_epoch: int | None
+    cv_score: float | None  # fold mean of each fold's best-epoch score (what the search was told)
     epochs: int  # epochs reported
     error: str | None
 
 
 @dataclass(frozen=True)
 class LeaderboardRow:
-    """One trial on the leaderboard; the ensemble fields are None for a trial that was not ensembled."""
+    """One line of the leaderboard: a trial (its best single fold model and its fused models on the selection
+    split), the greedy cross-trial ensemble, or a test-split figure of the chosen ensemble / best single model.
+    Metric fields are None where they do not apply."""
 
     rank: int | None
-    trial_id: str
+    trial_id: str  # a trial id, `greedy`, or `chosen` / `best single model` (split test)
+    split: str  # the images the metrics are on: "selection" or "test"
     status: str  # "ensembled", or why not: Tune's status (ERROR, RUNNING, ...), "no checkpoint", "ensemble failed"
     detector: str | None
+    start: str | None  # the weights the trial's models started from (detection / backbone / none)
     lr: float | None
     batch_size: int | None
-    score_threshold: float | None
-    cv_score_mean: float | None
-    cv_score_std: float | None
-    cv_epoch: int | None
-    epochs: int
+    cv_score: float | None
+    epochs: int | None
     num_models: int | None
+    single_model: str | None  # the best single fold model (on the selection split) and its figures
+    single_map_50: float | None
+    single_f1: float | None
+    single_score: float | None
+    score_threshold: float | None  # the fused models' F1-optimal threshold on the selection split
     map: float | None
     map_50: float | None
     map_75: float | None
@@ -377,17 +398,14 @@ def _read_trials(tune_dir: Path) -> list[_TrialInfo]:
         rows = frame.to_dict("records") if frame is not None and len(frame) else []
         if not rows and trial.last_result:
             rows = [dict(trial.last_result)]
-        scored = [r for r in rows if finite_float(r.get("score_mean")) is not None]
-        best = max(scored, key=lambda r: float(r["score_mean"])) if scored else None
+        cv = [v for v in (finite_float(r.get("cv_score")) for r in rows) if v is not None]
         checkpoint = trial.checkpoint
         error = _trial_error(trial) if trial.status == "ERROR" else None
         trials.append(_TrialInfo(
             trial_id=trial.trial_id, status=trial.status,
             params=dict(trial.config or {}),
             checkpoint=str(checkpoint.path) if checkpoint is not None else None,
-            cv_score_mean=finite_float(best["score_mean"]) if best else None,
-            cv_score_std=finite_float(best.get("score_std")) if best else None,
-            cv_epoch=int(best["training_iteration"]) if best and "training_iteration" in best else None,
+            cv_score=max(cv) if cv else None,
             epochs=max((int(r.get("training_iteration", 0) or 0) for r in rows), default=0),
             error=error,
         ))
@@ -408,8 +426,20 @@ def _trial_error(trial: Any) -> str:
     return lines[-1][:300] if lines else "errored (no error file)"
 
 
-def _trial_spec(info: _TrialInfo, *, iou_thr: float, conf_type: str) -> EnsembleSpec:
-    """The ensemble of a finished trial, from its checkpoint's trial.json and best/best.json."""
+@dataclass(frozen=True)
+class _TrialModels:
+    """A finished trial's kept fold models, as read from its checkpoint."""
+
+    trial_id: str
+    start: str | None
+    num_classes: int
+    class_names: tuple[str, ...]
+    category_ids: tuple[int, ...]
+    models: tuple[EnsembleModel, ...]
+
+
+def _trial_models(info: _TrialInfo) -> _TrialModels:
+    """The kept fold models of a finished trial, from its checkpoint's trial.json and best/best.json."""
     from trainables.trial import BEST_DIR, TRIAL_JSON, read_best
 
     assert info.checkpoint is not None
@@ -423,81 +453,129 @@ def _trial_spec(info: _TrialInfo, *, iou_thr: float, conf_type: str) -> Ensemble
                             f"expected {TRIAL_JSON} and {BEST_DIR}/best.json written by train_trial.") from error
     if not best:
         raise EnsembleError(f"{directory / BEST_DIR}: trial {info.trial_id} kept no best model; expected at least one.")
-    threshold = float(trial["score_threshold"])
-    models = tuple(EnsembleModel(path=e["path"], rank=int(e["rank"]), fold=int(e["fold"]), epoch=int(e["epoch"]),
-                                 score=float(e["score"])) for e in sorted(best, key=lambda e: e["rank"]))
     try:
-        spec = EnsembleSpec(
-            trial_id=info.trial_id, arch=str(trial["arch"]), backbone=str(trial["backbone"]),
-            num_classes=int(trial["num_classes"]), image_size=int(trial["image_size"]),
-            class_names=tuple(trial["class_names"]), category_ids=tuple(int(c) for c in trial["category_ids"]),
-            score_threshold=threshold, models=models,
-            weights=tuple(max(m.score, MIN_MODEL_WEIGHT) for m in models),
-            iou_thr=iou_thr, skip_box_thr=threshold, conf_type=conf_type,
-        )
+        models = tuple(EnsembleModel(path=e["path"], trial_id=info.trial_id, arch=str(trial["arch"]),
+                                     backbone=str(trial["backbone"]), image_size=int(trial["image_size"]),
+                                     rank=int(e["rank"]), fold=int(e["fold"]), epoch=int(e["epoch"]),
+                                     score=float(e["score"])) for e in sorted(best, key=lambda e: e["rank"]))
+        return _TrialModels(trial_id=info.trial_id, start=trial.get("start"), num_classes=int(trial["num_classes"]),
+                            class_names=tuple(trial["class_names"]),
+                            category_ids=tuple(int(c) for c in trial["category_ids"]), models=models)
     except (KeyError, TypeError) as error:
         raise EnsembleError(f"{where}: missing or bad key {error}; expected arch, backbone, num_classes, "
-                            "image_size, class_names, category_ids and score_threshold.") from error
-    spec.check(where)
-    return spec
+                            "image_size, class_names and category_ids.") from error
 
 
-# ------------------------------------------------------------------------------------ one trial's task
+# ------------------------------------------------------------------------------------ prediction tasks
 
 
-def _evaluate_trial(spec: EnsembleSpec, *, data_path: str, filter_empty: bool, split: Split, batch_size: int,
-                    model_bytes: Sequence[bytes]) -> dict[str, Any]:
-    """Predict the held-out split with the spec's models, fuse, score. Runs as a Ray task (or in-process).
-    The driver hands over the model files' bytes, so a task on any node needs only the dataset.
-
-    Returns `{"metrics", "image_ids", "predictions"}` (predictions as COCO results, see `predictions_to_coco`).
-    """
+def _predict_models(models: Sequence[EnsembleModel], *, num_classes: int, data_path: str, image_ids: Sequence[int],
+                    batch_size: int, model_bytes: Sequence[bytes]) -> list[list[dict[str, torch.Tensor]]]:
+    """Every model's raw predictions on `image_ids` at full resolution: `[model][image]` dicts (`boxes` [N, 4]
+    xyxy absolute, `scores`, `labels`). Runs as a Ray task (or in-process); the driver hands over the model
+    files' bytes, so a task on any node needs only the dataset."""
     from torch.utils.data import DataLoader
 
     from detection.data.coco import CocoDetection, collate_detection, load_dataset
-    from detection.metrics import detection_metrics
+    from detection.engine import predict
     from trainables.fold_worker import pick_device
 
-    index = load_dataset(data_path, filter_empty=filter_empty)
-    split.check_index(index)
-    models = build_ensemble_models(spec, device=pick_device(), model_bytes=model_bytes)
+    index = load_dataset(data_path, filter_empty=False)
+    spec = EnsembleSpec(name="predict", num_classes=num_classes, class_names=("?",) * num_classes,
+                        category_ids=tuple(range(num_classes)), score_threshold=0.5, models=tuple(models),
+                        weights=(1.0,) * len(models), iou_thr=0.5, skip_box_thr=0.0, conf_type="avg")
+    built = build_ensemble_models(spec, device=pick_device(), model_bytes=model_bytes)
     # Full resolution, no eval transform: the detectors resize internally and answer in these pixels.
-    dataset = CocoDetection(index, split.holdout, transforms=None)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
-    preds: list[dict[str, torch.Tensor]] = []
-    targets: list[dict[str, torch.Tensor]] = []
-    for images, batch_targets in loader:
-        preds.extend(predict_ensemble(models, spec, images, batch_size=batch_size))
-        targets.extend({k: t[k] for k in ("boxes", "labels", "iscrowd")} for t in batch_targets)
-    metrics = detection_metrics(preds, targets, score_threshold=spec.score_threshold, class_names=spec.class_names)
-    return {"metrics": metrics, "image_ids": list(split.holdout),
-            "predictions": predictions_to_coco(preds, split.holdout, spec.category_ids)}
+    loader = DataLoader(CocoDetection(index, list(image_ids), transforms=None), batch_size=batch_size,
+                        shuffle=False, collate_fn=collate_detection)
+    out: list[list[dict[str, torch.Tensor]]] = [[] for _ in built]
+    for images, _ in loader:
+        for m, model in enumerate(built):
+            out[m].extend(predict(model, images, device=next(model.parameters()).device, batch_size=batch_size))
+    return out
+
+
+def _targets(index: Any, image_ids: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+    return [{"boxes": torch.as_tensor(r.boxes).reshape(-1, 4), "labels": torch.as_tensor(r.labels),
+             "iscrowd": torch.as_tensor(r.iscrowd)} for r in index.records(image_ids)]
+
+
+class _Scorer:
+    """Fuses and scores model predictions on one split (the driver's side of the job)."""
+
+    def __init__(self, *, targets: Sequence[Mapping[str, torch.Tensor]], sizes: Sequence[tuple[int, int]],
+                 class_names: Sequence[str], iou_thr: float, skip_box_thr: float, conf_type: str) -> None:
+        self.targets, self.sizes, self.class_names = list(targets), list(sizes), tuple(class_names)
+        self.iou_thr, self.skip_box_thr, self.conf_type = iou_thr, skip_box_thr, conf_type
+
+    def fuse(self, per_model: Sequence[Sequence[Mapping[str, torch.Tensor]]],
+             weights: Sequence[float]) -> list[dict[str, torch.Tensor]]:
+        from detection.fusion import fuse_predictions
+
+        return fuse_predictions(per_model, self.sizes, weights=list(weights), iou_thr=self.iou_thr,
+                                skip_box_thr=self.skip_box_thr, conf_type=self.conf_type)
+
+    def metrics(self, preds: Sequence[Mapping[str, torch.Tensor]], score_threshold: float | None) -> dict[str, float]:
+        """`detection_metrics`; `score_threshold=None` picks the F1-optimal one on these predictions."""
+        from detection.metrics import detection_metrics
+
+        return detection_metrics(preds, self.targets, score_threshold=score_threshold, class_names=self.class_names)
+
+
+def greedy_selection(candidates: Sequence[str], score_of: Any, *, max_models: int) -> tuple[list[str], float]:
+    """Greedy forward selection with replacement (Caruana et al. 2004, "Ensemble selection from libraries of
+    models"): start from the best single candidate, then repeatedly add whichever candidate (one already in the
+    ensemble too) raises `score_of(multiset)` most, up to `max_models` members; return the best multiset seen
+    (as a list with repeats) and its score. `score_of` takes a list of candidate names (repeats = weight)."""
+    if not candidates:
+        raise ValueError("greedy_selection needs at least one candidate model, got none.")
+    if max_models < 1:
+        raise ValueError(f"`max_models >= 1` must hold, but got ({max_models=}).")
+    scores = {c: score_of([c]) for c in candidates}
+    chosen = [max(candidates, key=lambda c: (scores[c], c))]
+    best, best_score = list(chosen), scores[chosen[0]]
+    while len(chosen) < max_models:
+        trials = {c: score_of(chosen + [c]) for c in candidates}
+        pick = max(candidates, key=lambda c: (trials[c], c))
+        chosen.append(pick)
+        if trials[pick] > best_score:
+            best, best_score = list(chosen), trials[pick]
+    return best, best_score
 
 
 # ------------------------------------------------------------------------------------------ the job
 
 
+@dataclass
+class _Candidate:
+    """A fused (or single) set of models and its selection-split figures."""
+
+    spec: EnsembleSpec
+    preds: list[dict[str, torch.Tensor]]  # fused predictions on the selection split
+    metrics: dict[str, float]
+
+
 def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None = None) -> Path:
-    """Ensemble every finished trial of a sweep (or only `trial_ids`), write the leaderboard and the best
-    ensemble's manifest; returns the path of `leaderboard.csv` (`leaderboard.md` lies beside it).
+    """Choose the sweep's ensemble on the selection split and score it once on the test split (see the module
+    docstring); writes the leaderboard and `best_ensemble.json`, returns the path of `leaderboard.csv`
+    (`leaderboard.md` lies beside it). `trial_ids` limits the job to those trials.
 
     Uses the running Ray (the sweep's, or a cluster's under `ray job submit`) or starts a local one.
 
     Raises:
         ConfigError: the folder is not a sweep's, or `ensemble.gpus` asks for GPUs a local Ray does not have.
-        EnsembleError: an unknown trial id, or no held-out images in split.json.
+        EnsembleError: an unknown trial id, or no selection images in split.json.
     """
-    import ray
-
+    from detection.data.coco import load_dataset
     from search.tuner import SPLIT_JSON, TUNE_DIR, load_experiment
 
     experiment_dir = Path(experiment_dir).resolve()
     config = load_experiment(experiment_dir)
     split_path = experiment_dir / SPLIT_JSON
     split = Split.from_json(split_path)
-    if not split.holdout:
-        raise EnsembleError(f"{split_path}: the split holds no held-out images; expected a Roboflow test/ folder "
-                            "or `data.holdout_fraction` > 0.")
+    if not split.selection:
+        raise EnsembleError(f"{split_path}: the split holds no selection images; expected a Roboflow valid/ folder "
+                            "or `data.selection_fraction` > 0.")
     trials = _read_trials(experiment_dir / TUNE_DIR)
     if trial_ids is not None:
         known = {t.trial_id for t in trials}
@@ -507,83 +585,172 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
         trials = [t for t in trials if t.trial_id in set(trial_ids)]
 
     ens = config.ensemble
-    specs: dict[str, EnsembleSpec] = {}
+    kept: dict[str, _TrialModels] = {}
     failures: dict[str, str] = {}
     for info in trials:
         if info.status == "TERMINATED" and info.checkpoint is not None:
             try:
-                specs[info.trial_id] = _trial_spec(info, iou_thr=ens.iou_thr, conf_type=ens.conf_type)
+                kept[info.trial_id] = _trial_models(info)
             except EnsembleError as error:
                 failures[info.trial_id] = str(error)
                 logger.warning("trial %s is not ensembled: %s", info.trial_id, error)
 
-    started_ray = False
-    if specs and not ray.is_initialized():
-        started_ray = True
-        _init_local_ray(cpus=ens.cpus, gpus=ens.gpus, tasks=len(specs))
-    results: dict[str, dict[str, Any]] = {}
-    try:
-        task = ray.remote(_evaluate_trial)
-        waiting = list(specs.items())
-        running: dict[Any, str] = {}
-        while waiting or running:
-            # The driver reads a trial's model files just before its task starts, and keeps a bounded number
-            # of tasks (and their models in the object store) in flight.
-            while waiting and len(running) < MAX_TASKS_IN_FLIGHT:
-                trial_id, spec = waiting.pop(0)
-                try:
-                    model_bytes = _read_model_files(spec)
-                except EnsembleError as error:
-                    failures[trial_id] = str(error)
-                    logger.warning("trial %s is not ensembled: %s", trial_id, error)
-                    continue
-                # One task per trial, named so that the dashboard shows which trial each one is.
-                ref = task.options(num_cpus=ens.cpus, num_gpus=ens.gpus, max_retries=1,
-                                   name=f"ensemble/{trial_id}").remote(
-                    spec, data_path=config.data.path, filter_empty=config.data.filter_empty, split=split,
-                    batch_size=config.train.eval_batch_size, model_bytes=model_bytes)
-                running[ref] = trial_id
-            if not running:
-                break
-            (done,), _ = ray.wait(list(running), num_returns=1)
-            trial_id = running.pop(done)
-            try:
-                results[trial_id] = ray.get(done)
-            except ray.exceptions.RayError as error:  # one bad trial does not sink the job
-                failures[trial_id] = _one_line(error)
-                logger.warning("trial %s: the ensemble task failed: %s", trial_id, failures[trial_id])
-    finally:
-        if started_ray:
-            ray.shutdown()
-
+    index = load_dataset(config.data.path, filter_empty=False)
+    split.check_index(index)
+    jobs = {trial_id: (t.models, t.num_classes) for trial_id, t in kept.items()}
+    selection_preds, more_failures = _predict_on(jobs, ids=split.selection, config=config)
+    failures.update(more_failures)
     out_dir = experiment_dir / ENSEMBLE_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    for info in trials:
-        if info.trial_id in results:
-            result = results[info.trial_id]
-            payload = {"trial_id": info.trial_id, "params": info.params, "split_hash": split.hash,
-                       "metrics": result["metrics"], "ensemble": specs[info.trial_id].to_json(),
-                       "image_ids": result["image_ids"], "predictions": result["predictions"]}
-            _write_json(out_dir / f"{info.trial_id}.json", payload)
-
-    rows = _leaderboard_rows(trials, specs, results, failures)
-    csv_path = _write_leaderboard(rows, experiment_dir)
-    best = next((r for r in rows if r.status == "ensembled"), None)
-    if best is not None:
-        info = next(t for t in trials if t.trial_id == best.trial_id)
-        _write_best_ensemble(experiment_dir, specs[info.trial_id], info=info, metrics=results[info.trial_id]["metrics"],
-                             split_hash=split.hash)
-    else:
+    ensembled = {t: kept[t] for t in selection_preds}
+    if not ensembled:
+        rows = _leaderboard_rows(trials, kept, {}, {}, failures, greedy=None, final=None)
         logger.warning("%s: no trial could be ensembled; %s not written.", experiment_dir, BEST_ENSEMBLE_JSON)
+        return _write_leaderboard(rows, experiment_dir, summary="No trial could be ensembled.")
+
+    first = next(iter(ensembled.values()))
+    records = index.records(split.selection)
+    scorer = _Scorer(targets=_targets(index, split.selection), sizes=[(r.height, r.width) for r in records],
+                     class_names=first.class_names, iou_thr=ens.iou_thr, skip_box_thr=ens.skip_box_thr,
+                     conf_type=ens.conf_type)
+
+    def spec_of(name: str, models: Sequence[EnsembleModel], weights: Sequence[float], threshold: float) -> EnsembleSpec:
+        return EnsembleSpec(name=name, num_classes=first.num_classes, class_names=first.class_names,
+                            category_ids=first.category_ids, score_threshold=threshold, models=tuple(models),
+                            weights=tuple(weights), iou_thr=ens.iou_thr, skip_box_thr=ens.skip_box_thr,
+                            conf_type=ens.conf_type)
+
+    # Every fold model alone, then each trial's models fused (weights: their fold validation scores).
+    raw = {m.key: p for t in ensembled.values() for m, p in zip(t.models, selection_preds[t.trial_id])}
+    models = {m.key: m for t in ensembled.values() for m in t.models}
+    singles = {key: scorer.metrics(raw[key], None) for key in raw}
+    per_trial: dict[str, _Candidate] = {}
+    for trial_id, t in ensembled.items():
+        weights = [max(m.score, MIN_MODEL_WEIGHT) for m in t.models]
+        fused = scorer.fuse([raw[m.key] for m in t.models], weights)
+        metrics = scorer.metrics(fused, None)
+        per_trial[trial_id] = _Candidate(spec_of(trial_id, t.models, weights, metrics["score_threshold"]), fused, metrics)
+
+    greedy = None
+    if ens.max_models > 1 and len(raw) > 1:
+        # The strongest single models only: greedy selection fuses once per candidate and step.
+        candidates = sorted(raw, key=lambda k: -singles[k]["score"])[: ens.greedy_candidates]
+
+        def fused_score(keys: Sequence[str]) -> float:
+            counts = Counter(keys)
+            return scorer.metrics(scorer.fuse([raw[k] for k in counts], list(counts.values())), None)["score"]
+
+        chosen, _ = greedy_selection(candidates, fused_score, max_models=ens.max_models)
+        counts = Counter(chosen)
+        fused = scorer.fuse([raw[k] for k in counts], list(counts.values()))
+        metrics = scorer.metrics(fused, None)
+        greedy = _Candidate(spec_of(GREEDY, [models[k] for k in counts], list(counts.values()),
+                                    metrics["score_threshold"]), fused, metrics)
+
+    # The winner on the selection split; ties go to the single trial's ensemble (fewer models).
+    best_trial = max(per_trial.values(), key=lambda c: (c.metrics["score"], c.spec.name))
+    winner = greedy if greedy is not None and greedy.metrics["score"] > best_trial.metrics["score"] else best_trial
+    best_single = max(raw, key=lambda k: (singles[k]["score"], k))
+    for trial_id, candidate in per_trial.items():
+        _write_split_result(out_dir / f"{trial_id}.json", candidate, split=split, image_ids=split.selection,
+                            params=next(t.params for t in trials if t.trial_id == trial_id), name="selection")
+    if greedy is not None:
+        _write_split_result(out_dir / f"{GREEDY}.json", greedy, split=split, image_ids=split.selection, params={},
+                            name="selection")
+
+    final = None
+    if split.test:
+        # The only use of the test split: the chosen ensemble and the best single model, at the thresholds the
+        # selection split chose.
+        needed = {m.key: m for m in (*winner.spec.models, models[best_single])}
+        test_preds, test_failures = _predict_on({"test": (tuple(needed.values()), first.num_classes)},
+                                                ids=split.test, config=config)
+        if test_failures:
+            raise EnsembleError(f"the test-split predictions failed: {test_failures['test']}")
+        test_raw = dict(zip(needed, test_preds["test"]))
+        test_records = index.records(split.test)
+        test_scorer = _Scorer(targets=_targets(index, split.test), sizes=[(r.height, r.width) for r in test_records],
+                              class_names=first.class_names, iou_thr=ens.iou_thr, skip_box_thr=ens.skip_box_thr,
+                              conf_type=ens.conf_type)
+        fused = test_scorer.fuse([test_raw[m.key] for m in winner.spec.models], winner.spec.weights)
+        final = {
+            "chosen": _Candidate(winner.spec, fused, test_scorer.metrics(fused, winner.spec.score_threshold)),
+            "single": test_scorer.metrics(test_raw[best_single], singles[best_single]["score_threshold"]),
+        }
+        _write_split_result(out_dir / "test.json", final["chosen"], split=split, image_ids=split.test, params={},
+                            name="test")
+    else:
+        logger.warning("%s: the split holds no test images; the chosen ensemble has no test figures.", split_path)
+
+    rows = _leaderboard_rows(trials, kept, per_trial, singles, failures, greedy=greedy, final=final,
+                             best_single=best_single)
+    summary = _summary(winner, best_trial, greedy, final, best_single, singles)
+    csv_path = _write_leaderboard(rows, experiment_dir, summary=summary)
+    _write_best_ensemble(experiment_dir, winner, split_hash=split.hash,
+                         test_metrics=final["chosen"].metrics if final else None,
+                         single={"model": best_single, "selection": singles[best_single],
+                                 "test": final["single"] if final else None})
     return csv_path
 
 
-def _read_model_files(spec: EnsembleSpec) -> list[bytes]:
-    """The model files of a trial's ensemble, read by the driver (the tasks may run on nodes without them)."""
+def _predict_on(jobs: Mapping[str, tuple[Sequence[EnsembleModel], int]], *, ids: Sequence[int],
+                config: Any) -> tuple[dict[str, list[list[dict[str, torch.Tensor]]]], dict[str, str]]:
+    """Run `_predict_models` for every job (one Ray task each, at most `MAX_TASKS_IN_FLIGHT` at once);
+    returns `{job: [model][image] predictions}` and `{job: why it failed}`."""
+    import ray
+
+    ens = config.ensemble
+    results: dict[str, list[list[dict[str, torch.Tensor]]]] = {}
+    failures: dict[str, str] = {}
+    if not jobs:
+        return results, failures
+    started_ray = False
+    if not ray.is_initialized():
+        started_ray = True
+        _init_local_ray(cpus=ens.cpus, gpus=ens.gpus, tasks=len(jobs))
     try:
-        return [Path(m.path).read_bytes() for m in spec.models]
+        task = ray.remote(_predict_models)
+        waiting = list(jobs.items())
+        running: dict[Any, str] = {}
+        while waiting or running:
+            # The driver reads a job's model files just before its task starts, and keeps a bounded number
+            # of tasks (and their models in the object store) in flight.
+            while waiting and len(running) < MAX_TASKS_IN_FLIGHT:
+                name, (models, num_classes) = waiting.pop(0)
+                try:
+                    model_bytes = _read_model_files(models)
+                except EnsembleError as error:
+                    failures[name] = str(error)
+                    logger.warning("%s is not ensembled: %s", name, error)
+                    continue
+                # One task per trial, named so that the dashboard shows which trial each one is.
+                ref = task.options(num_cpus=ens.cpus, num_gpus=ens.gpus, max_retries=1,
+                                   name=f"ensemble/{name}").remote(
+                    models, num_classes=num_classes, data_path=config.data.path, image_ids=list(ids),
+                    batch_size=config.train.eval_batch_size, model_bytes=model_bytes)
+                running[ref] = name
+            if not running:
+                break
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            name = running.pop(done)
+            try:
+                results[name] = ray.get(done)
+            except ray.exceptions.RayError as error:  # one bad trial does not sink the job
+                failures[name] = _one_line(error)
+                logger.warning("%s: the ensemble task failed: %s", name, failures[name])
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return results, failures
+
+
+def _read_model_files(models: Sequence[EnsembleModel]) -> list[bytes]:
+    """Model files read by the driver (the tasks may run on nodes without them)."""
+    try:
+        return [Path(m.path).read_bytes() for m in models]
     except OSError as error:
-        raise EnsembleError(f"{error.filename}: cannot read a model file of trial {spec.trial_id} "
+        trial = next((m.trial_id for m in models if m.path == error.filename), "?")
+        raise EnsembleError(f"{error.filename}: cannot read a model file of trial {trial} "
                             f"({error.strerror}).") from error
 
 
@@ -598,7 +765,7 @@ def _init_local_ray(*, cpus: float, gpus: float, tasks: int) -> None:
         ray.shutdown()
         raise ConfigError(f"`ensemble.gpus` = {gpus} per trial, but this machine has {have:g} GPUs; use "
                           "`ensemble.gpus: 0` on a CPU machine, or run the job on a cluster (`ray job submit`).")
-    logger.info("ensemble job: %d trials as Ray tasks of %g CPU / %g GPU on a local Ray", tasks, cpus, gpus)
+    logger.info("ensemble job: %d prediction tasks of %g CPU / %g GPU on a local Ray", tasks, cpus, gpus)
 
 
 def _one_line(error: BaseException) -> str:
@@ -614,13 +781,26 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     tmp.replace(path)  # readers (status, report) never see half a file
 
 
-def _leaderboard_rows(trials: Sequence[_TrialInfo], specs: Mapping[str, EnsembleSpec],
-                      results: Mapping[str, Mapping[str, Any]], failures: Mapping[str, str]) -> list[LeaderboardRow]:
+def _write_split_result(path: Path, candidate: _Candidate, *, split: Split, image_ids: Sequence[int],
+                        params: Mapping[str, Any], name: str) -> None:
+    _write_json(path, {"name": candidate.spec.name, "split": name, "params": dict(params), "split_hash": split.hash,
+                       "metrics": candidate.metrics, "ensemble": candidate.spec.to_json(),
+                       "image_ids": list(image_ids),
+                       "predictions": predictions_to_coco(candidate.preds, image_ids, candidate.spec.category_ids)})
+
+
+def _metric_fields(metrics: Mapping[str, float] | None) -> dict[str, float | None]:
+    return {m: (float(metrics[m]) if metrics else None) for m in ENSEMBLE_METRICS}
+
+
+def _leaderboard_rows(trials: Sequence[_TrialInfo], kept: Mapping[str, _TrialModels],
+                      per_trial: Mapping[str, _Candidate], singles: Mapping[str, Mapping[str, float]],
+                      failures: Mapping[str, str], *, greedy: _Candidate | None,
+                      final: Mapping[str, Any] | None, best_single: str | None = None) -> list[LeaderboardRow]:
     rows = []
     for info in trials:
-        result = results.get(info.trial_id)
-        metrics = result["metrics"] if result else {}
-        if result:
+        candidate = per_trial.get(info.trial_id)
+        if candidate:
             status, error = "ensembled", None
         elif info.trial_id in failures:
             status, error = "ensemble failed", failures[info.trial_id]
@@ -629,22 +809,67 @@ def _leaderboard_rows(trials: Sequence[_TrialInfo], specs: Mapping[str, Ensemble
         else:
             status, error = info.status, info.error
         params = info.params
+        trial_models = kept.get(info.trial_id)
+        own = [m.key for m in trial_models.models] if trial_models and candidate else []
+        single = max(own, key=lambda k: (singles[k]["score"], k)) if own else None
         rows.append(LeaderboardRow(
-            rank=None, trial_id=info.trial_id, status=status,
-            detector=params.get("detector"), lr=finite_float(params.get("lr")),
+            rank=None, trial_id=info.trial_id, split="selection", status=status,
+            detector=params.get("detector"), start=trial_models.start if trial_models else None,
+            lr=finite_float(params.get("lr")),
             batch_size=int(params["batch_size"]) if params.get("batch_size") is not None else None,
-            score_threshold=finite_float(params.get("score_threshold")),
-            cv_score_mean=info.cv_score_mean, cv_score_std=info.cv_score_std, cv_epoch=info.cv_epoch,
-            epochs=info.epochs, num_models=len(specs[info.trial_id].models) if result else None,
-            **{m: (float(metrics[m]) if result else None) for m in ENSEMBLE_METRICS},
+            cv_score=info.cv_score, epochs=info.epochs, num_models=len(candidate.spec.models) if candidate else None,
+            single_model=single,
+            single_map_50=singles[single]["map_50"] if single else None,
+            single_f1=singles[single]["f1"] if single else None,
+            single_score=singles[single]["score"] if single else None,
+            score_threshold=candidate.metrics["score_threshold"] if candidate else None,
+            **_metric_fields(candidate.metrics if candidate else None),
             error=error,
         ))
-    ensembled = sorted((r for r in rows if r.status == "ensembled"), key=lambda r: (-(r.score or 0.0), r.trial_id))
+    ranked = sorted((r for r in rows if r.status == "ensembled"), key=lambda r: (-(r.score or 0.0), r.trial_id))
     others = sorted((r for r in rows if r.status != "ensembled"), key=lambda r: r.trial_id)
-    return [LeaderboardRow(**{**asdict(r), "rank": i}) for i, r in enumerate(ensembled, start=1)] + others
+    rows = [LeaderboardRow(**{**asdict(r), "rank": i}) for i, r in enumerate(ranked, start=1)] + others
+    empty = {f: None for f in LEADERBOARD_COLUMNS}
+    if greedy is not None:
+        rows.append(LeaderboardRow(**{**empty, "trial_id": GREEDY, "split": "selection", "status": "greedy ensemble",
+                                      "num_models": len(greedy.spec.models), "detector": _detectors(greedy.spec),
+                                      "score_threshold": greedy.metrics["score_threshold"],
+                                      **_metric_fields(greedy.metrics)}))
+    if final is not None:
+        chosen = final["chosen"]
+        rows.append(LeaderboardRow(**{**empty, "trial_id": "chosen", "split": "test",
+                                      "status": f"chosen ensemble ({chosen.spec.name})",
+                                      "num_models": len(chosen.spec.models), "detector": _detectors(chosen.spec),
+                                      "score_threshold": chosen.spec.score_threshold,
+                                      **_metric_fields(chosen.metrics)}))
+        single = final["single"]
+        rows.append(LeaderboardRow(**{**empty, "trial_id": "best single model", "split": "test",
+                                      "status": f"best single model ({best_single})", "num_models": 1,
+                                      "single_model": best_single, "score_threshold": single["score_threshold"],
+                                      **_metric_fields(single)}))
+    return rows
 
 
-def _write_leaderboard(rows: Sequence[LeaderboardRow], experiment_dir: Path) -> Path:
+def _detectors(spec: EnsembleSpec) -> str:
+    return "+".join(sorted({f"{m.arch}/{m.backbone}" for m in spec.models}))
+
+
+def _summary(winner: _Candidate, best_trial: _Candidate, greedy: _Candidate | None, final: Mapping[str, Any] | None,
+             best_single: str, singles: Mapping[str, Mapping[str, float]]) -> str:
+    lines = [f"Selection split: best trial ensemble {best_trial.spec.name} score {best_trial.metrics['score']:.4f}; "
+             + (f"greedy ensemble ({len(greedy.spec.models)} models, weights {list(greedy.spec.weights)}) score "
+                f"{greedy.metrics['score']:.4f}; " if greedy else "no greedy ensemble; ")
+             + f"best single model {best_single} score {singles[best_single]['score']:.4f}. "
+             + f"Chosen: {winner.spec.name}."]
+    if final is not None:
+        c, s = final["chosen"].metrics, final["single"]
+        lines.append(f"Test split (scored once): chosen ensemble map_50 {c['map_50']:.4f}, f1 {c['f1']:.4f} "
+                     f"(threshold {winner.spec.score_threshold:.3f}), map {c['map']:.4f}; best single model "
+                     f"map_50 {s['map_50']:.4f}, f1 {s['f1']:.4f}.")
+    return "\n".join(lines)
+
+
+def _write_leaderboard(rows: Sequence[LeaderboardRow], experiment_dir: Path, *, summary: str) -> Path:
     csv_path = experiment_dir / LEADERBOARD_CSV
     tmp = csv_path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as handle:
@@ -655,22 +880,25 @@ def _write_leaderboard(rows: Sequence[LeaderboardRow], experiment_dir: Path) -> 
     tmp.replace(csv_path)
     md_path = experiment_dir / LEADERBOARD_MD
     md_tmp = md_path.with_suffix(".md.tmp")
-    md_tmp.write_text(format_leaderboard(rows) + "\n")
+    md_tmp.write_text(format_leaderboard(rows) + "\n\n" + summary + "\n")
     md_tmp.replace(md_path)
     return csv_path
 
 
 def format_leaderboard(rows: Sequence[LeaderboardRow]) -> str:
-    """A Markdown table: rank, trial, detector, params, CV score mean +- std, ensemble metrics on the held-out
-    split; trials that were not ensembled follow, with their status."""
-    head = ("| rank | trial | status | detector | lr | batch | thr | CV score (mean +- std) "
-            "| map | map_50 | map_75 | f1 | score |")
+    """A Markdown table: per trial its detector, start, params, CV score, its best single fold model and its
+    fused models on the selection split (the gain of fusion); then the greedy ensemble, and the chosen ensemble
+    and best single model on the test split. Errors of trials that were not ensembled follow."""
+    head = ("| rank | trial | split | status | detector | start | lr | batch | CV score | best single model "
+            "| single map_50 | single f1 | models | thr | map | map_50 | map_75 | f1 | score |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        cv = "-" if r.cv_score_mean is None else f"{r.cv_score_mean:.4f} +- {r.cv_score_std or 0.0:.4f}"
         lines.append(
-            f"| {r.rank or '-'} | {r.trial_id} | {r.status} | {r.detector or '-'} | {format_or_dash(r.lr, '.2e')} "
-            f"| {format_or_dash(r.batch_size, 'd')} | {format_or_dash(r.score_threshold, '.3f')} | {cv} "
+            f"| {r.rank or '-'} | {r.trial_id} | {r.split} | {r.status} | {r.detector or '-'} | {r.start or '-'} "
+            f"| {format_or_dash(r.lr, '.2e')} | {format_or_dash(r.batch_size, 'd')} "
+            f"| {format_or_dash(r.cv_score, '.4f')} | {r.single_model or '-'} "
+            f"| {format_or_dash(r.single_map_50, '.4f')} | {format_or_dash(r.single_f1, '.4f')} "
+            f"| {format_or_dash(r.num_models, 'd')} | {format_or_dash(r.score_threshold, '.3f')} "
             + " ".join(f"| {format_or_dash(getattr(r, m), '.4f')}" for m in ENSEMBLE_METRICS) + " |")
     for r in rows:
         if r.error:
@@ -678,20 +906,22 @@ def format_leaderboard(rows: Sequence[LeaderboardRow]) -> str:
     return "\n".join(lines)
 
 
-def _write_best_ensemble(experiment_dir: Path, spec: EnsembleSpec, *, info: _TrialInfo, metrics: Mapping[str, Any],
-                         split_hash: str) -> Path:
-    """Copy the best trial's model files to `best_ensemble/` and write `best_ensemble.json` pointing at them."""
+def _write_best_ensemble(experiment_dir: Path, winner: _Candidate, *, split_hash: str,
+                         test_metrics: Mapping[str, Any] | None, single: Mapping[str, Any]) -> Path:
+    """Copy the chosen ensemble's model files to `best_ensemble/` and write `best_ensemble.json` pointing at them."""
     folder = experiment_dir / BEST_ENSEMBLE_DIR
     if folder.exists():
         shutil.rmtree(folder)  # an earlier run's winner
     folder.mkdir(parents=True)
     models = []
-    for m in spec.models:
-        target = folder / f"rank-{m.rank}.pt"
+    for m in winner.spec.models:
+        target = folder / f"{m.trial_id}-fold-{m.fold}.pt"
         shutil.copy2(m.path, target)
         models.append(EnsembleModel(**{**asdict(m), "path": str(target.resolve())}))
-    copied = EnsembleSpec(**{**_fields(spec), "models": tuple(models)})
+    copied = EnsembleSpec(**{**_fields(winner.spec), "models": tuple(models)})
     path = experiment_dir / BEST_ENSEMBLE_JSON
-    _write_json(path, {**copied.to_json(), "params": info.params, "split_hash": split_hash,
-                       "holdout_metrics": dict(metrics), "source_checkpoint": info.checkpoint})
+    _write_json(path, {**copied.to_json(), "split_hash": split_hash, "selection_metrics": dict(winner.metrics),
+                       "test_metrics": dict(test_metrics) if test_metrics is not None else None,
+                       "best_single_model": dict(single),
+                       "sources": sorted({str(Path(m.path).parent.parent) for m in winner.spec.models})})
     return path

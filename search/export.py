@@ -5,7 +5,8 @@ base config with the best trial's sampled params applied by `trainables.trial.ap
 one place that maps them), so `detsweep train --config best.yaml --all-data` retrains the winner on
 every labelled image, and `--fold K` reproduces one of its folds.
 
-"Best" is the trial of `best_ensemble.json` (the best ensemble on the held-out split); before the
+"Best" is the trial of `best_ensemble.json` (the ensemble chosen on the selection split; of a greedy
+cross-trial ensemble, the trial of its heaviest model); before the
 ensemble job has run, the trial with the best cross-validation metric (`search.metric`).
 """
 
@@ -50,12 +51,14 @@ def best_trial(experiment_dir: str | Path) -> BestTrial:
     best_file = experiment_dir / BEST_ENSEMBLE_JSON
     if best_file.is_file():
         best = json.loads(best_file.read_text())
-        trial_id = str(best["trial_id"])
+        # The chosen ensemble's trial; a greedy cross-trial ensemble: the trial of its heaviest model.
+        heaviest = max(zip(best["wbf"]["weights"], range(len(best["models"]))), key=lambda wi: (wi[0], -wi[1]))[1]
+        trial_id = str(best["models"][heaviest]["trial_id"])
         if trial_id not in runs:
             raise ConfigError(f"{best_file}: names trial {trial_id!r}, but {experiment_dir / TUNE_DIR} has trials "
                               f"{sorted(runs)}.")
         return BestTrial(trial_id=trial_id, params=_params(runs[trial_id].config), source="ensemble",
-                         score=best.get("holdout_metrics", {}).get("score"))
+                         score=(best.get("selection_metrics") or {}).get("score"))
     metric, sign = config.search.metric, (1.0 if config.search.mode == "max" else -1.0)
     scored = [(sign * float(run.last[metric]), run.trial_id) for run in runs.values()
               if run.results and isinstance(run.last.get(metric), (int, float)) and math.isfinite(run.last[metric])]
@@ -90,7 +93,7 @@ def export_best_config(experiment_dir: str | Path, out: str | Path) -> Path:
     experiment_dir = Path(experiment_dir).resolve()
     config, trial = best_config(experiment_dir)
     score = "n/a" if trial.score is None else f"{trial.score:.4f}"
-    which = "best ensemble on the held-out split" if trial.source == "ensemble" else "best cross-validation score"
+    which = "chosen ensemble on the selection split" if trial.source == "ensemble" else "best cross-validation score"
     header = (
         f"# detsweep export-best {experiment_dir}\n"
         f"# trial {trial.trial_id} ({which}, score {score}); sampled params: "

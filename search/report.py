@@ -3,16 +3,18 @@
 The page (`<experiment>/report.html`, every figure a base64 PNG data URI, no script, no external
 file) has, in order:
 
-1. the leaderboard (`leaderboard.csv` of the ensemble job): each trial's detector, lr, batch size,
-   score threshold, its cross-validation score (the best fold-mean score over its epochs, +- the fold
-   std at that epoch) and its ensemble's held-out map, map_50, f1 and score;
+1. the leaderboard (`leaderboard.csv` of the ensemble job): each trial's detector, the weights it started
+   from, lr, batch size, its cross-validation score (fold mean of each fold's best epoch), its best single
+   fold model and its fused models on the selection split side by side (the gain of fusion), then the
+   greedy cross-trial ensemble, and the chosen ensemble and best single model on the test split;
 2. Optuna's optimization history and parameter importances, from the study in `<experiment>/optuna.db`
    (`optuna.visualization.matplotlib`, `optuna.importance.get_param_importances`); with too few
    completed trials the page says so instead;
 3. learning curves: per trial the fold-mean score per epoch with a +-std band and each fold's score,
    from the trials' Tune result files (`<experiment>/tune/<trial>/result.json`);
-4. the best ensemble on the held-out split: per-class AP, precision-recall curves, and a grid of
-   held-out images with its boxes (magenta) against the ground truth (green);
+4. the chosen ensemble on the test split (scored once, never used for a choice): per-class AP,
+   precision-recall curves, and a grid of test images with its boxes (magenta) against the ground truth
+   (green);
 5. reproducibility: the best trial's manifest (dataset and split hashes, seeds, package versions, git
    commit) and what differs from today, plus the commands to look further (TensorBoard,
    optuna-dashboard, predict, export-best).
@@ -45,7 +47,7 @@ __all__ = ["REPORT_FILE", "TrialRun", "build_report", "load_trial_runs", "write_
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
-_THUMB_SIZE = 420  # longest side of a held-out image in the grid, pixels
+_THUMB_SIZE = 420  # longest side of an image in the grid, pixels
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -167,10 +169,9 @@ def _fmt(value: Any, spec: str) -> str:
 def _leaderboard_rows(runs: Sequence[TrialRun], experiment_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
     """(rows in rank order, the best trial id).
 
-    After the ensemble job: `leaderboard.csv` as it wrote it (ranked by ensemble score; trials that were
-    not ensembled follow with their status) and the trial of `best_ensemble.json`. Before it: every
-    trial ranked by its cross-validation score (the best fold-mean score over its epochs, as the
-    ensemble job reports it), and no best trial.
+    After the ensemble job: `leaderboard.csv` as it wrote it (trials ranked by their fused selection-split
+    score, then the greedy and the test-split rows) and the name of the chosen ensemble (`best_ensemble.json`:
+    a trial id or `greedy`). Before it: every trial ranked by its cross-validation score, and no best.
     """
     from search.ensemble import BEST_ENSEMBLE_JSON, LEADERBOARD_CSV
 
@@ -179,45 +180,51 @@ def _leaderboard_rows(runs: Sequence[TrialRun], experiment_dir: Path) -> tuple[l
         with board.open(newline="") as handle:
             rows = [{k: (None if v == "" else v) for k, v in row.items()} for row in csv.DictReader(handle)]
         best_file = experiment_dir / BEST_ENSEMBLE_JSON
-        best = str(_read_json(best_file)["trial_id"]) if best_file.is_file() else None
+        best = str(_read_json(best_file)["name"]) if best_file.is_file() else None
         return rows, best
     rows = []
     for run in runs:
-        means = run.series("score_mean")
-        at = int(np.nanargmax(means)) if len(means) and not np.isnan(means).all() else None
+        cv = run.series("cv_score")
         rows.append({
-            "rank": None, "trial_id": run.trial_id, "status": "not ensembled",
+            "rank": None, "trial_id": run.trial_id, "split": "selection", "status": "not ensembled",
             "detector": run.config.get("detector"), "lr": run.config.get("lr"),
-            "batch_size": run.config.get("batch_size"), "score_threshold": run.config.get("score_threshold"),
-            "cv_score_mean": None if at is None else means[at],
-            "cv_score_std": None if at is None else run.series("score_std")[at],
+            "batch_size": run.config.get("batch_size"),
+            "cv_score": float(np.nanmax(cv)) if len(cv) and not np.isnan(cv).all() else None,
             "epochs": len(run.results),
         })
-    rows.sort(key=lambda r: (r["cv_score_mean"] is None, -(r["cv_score_mean"] or 0.0), r["trial_id"]))
+    rows.sort(key=lambda r: (r["cv_score"] is None, -(r["cv_score"] or 0.0), r["trial_id"]))
     return rows, None
 
 
 def _section_leaderboard(rows: list[dict[str, Any]], best: str | None) -> str:
     if not rows:
         return _note("No trial has reported yet.")
-    head = ("<tr><th>rank</th><th>trial</th><th>arch/backbone</th><th>lr</th><th>batch</th><th>score thr</th>"
-            "<th>epochs</th><th>CV score mean &plusmn; std</th><th>ensemble map</th><th>map_50</th><th>f1</th>"
-            "<th>score</th><th>status</th></tr>")
+    head = ("<tr><th>rank</th><th>trial</th><th>split</th><th>arch/backbone</th><th>start</th><th>lr</th>"
+            "<th>batch</th><th>epochs</th><th>CV score</th><th>best single model</th><th>single map_50</th>"
+            "<th>single f1</th><th>models</th><th>thr</th><th>map</th><th>map_50</th><th>f1</th><th>score</th>"
+            "<th>status</th></tr>")
     body = []
     for r in rows:
-        cls = ' class="best"' if r["trial_id"] == best else ""
+        chosen = r["trial_id"] == best or (r.get("trial_id") == "chosen" and best is not None)
+        cls = ' class="best"' if chosen else ""
         body.append(
             f"<tr{cls}><td>{_fmt(r.get('rank'), '.0f')}</td>"
-            f"<td><code>{html.escape(str(r['trial_id']))}</code></td>"
-            f"<td>{html.escape(str(r.get('detector') or '?'))}</td><td>{_fmt(r.get('lr'), '.2e')}</td>"
-            f"<td>{_fmt(r.get('batch_size'), '.0f')}</td><td>{_fmt(r.get('score_threshold'), '.3f')}</td>"
-            f"<td>{html.escape(str(r.get('epochs') or 0))}</td>"
-            f"<td>{_fmt(r.get('cv_score_mean'), '.4f')} &plusmn; {_fmt(r.get('cv_score_std'), '.4f')}</td>"
+            f"<td><code>{html.escape(str(r['trial_id']))}</code></td><td>{html.escape(str(r.get('split') or ''))}</td>"
+            f"<td>{html.escape(str(r.get('detector') or '&ndash;'))}</td>"
+            f"<td>{html.escape(str(r.get('start') or '&ndash;'))}</td><td>{_fmt(r.get('lr'), '.2e')}</td>"
+            f"<td>{_fmt(r.get('batch_size'), '.0f')}</td><td>{html.escape(str(r.get('epochs') or '&ndash;'))}</td>"
+            f"<td>{_fmt(r.get('cv_score'), '.4f')}</td>"
+            f"<td><code>{html.escape(str(r.get('single_model') or '&ndash;'))}</code></td>"
+            f"<td>{_fmt(r.get('single_map_50'), '.4f')}</td><td>{_fmt(r.get('single_f1'), '.4f')}</td>"
+            f"<td>{_fmt(r.get('num_models'), '.0f')}</td><td>{_fmt(r.get('score_threshold'), '.3f')}</td>"
             + "".join(f"<td>{_fmt(r.get(m), '.4f')}</td>" for m in ("map", "map_50", "f1", "score"))
             + f"<td>{html.escape(str(r.get('status') or ''))}</td></tr>")
-    note = ("Ranked by the ensemble's score on the held-out split (score = 0.5 &middot; map_50 + 0.5 &middot; f1 of "
-            "the trial's fold models fused with WBF). CV score: the best fold-mean validation score over the "
-            "trial's epochs, &plusmn; the fold std at that epoch. The highlighted row is the best ensemble.")
+    note = ("Trials are ranked by their fold models fused with WBF on the selection split (score = 0.5 &middot; "
+            "map_50 + 0.5 &middot; f1, f1 at the threshold that is best on those selection predictions), beside "
+            "their best single fold model on the same images: the gain of fusion. CV score: the fold mean of each "
+            "fold's best-epoch validation score, what the search was told. The greedy row is the cross-trial "
+            "ensemble; the winner on the selection split is the only ensemble scored on the test split "
+            "(highlighted), beside the best single model, at the thresholds the selection split chose.")
     return f'<table class="board">{head}{"".join(body)}</table><p class="note">{note}</p>'
 
 
@@ -336,7 +343,7 @@ def _section_curves(runs: Sequence[TrialRun], order: Sequence[str], *, max_trial
 
 
 @dataclass
-class _Holdout:
+class _SplitResult:
     class_names: tuple[str, ...]
     records: list[Any]  # detection.data.coco.ImageRecord, in prediction order
     preds: list[dict[str, Any]]  # boxes float32 [N, 4] xyxy absolute, scores [N], labels int64 [N] in 1..C
@@ -344,8 +351,9 @@ class _Holdout:
     score_threshold: float
 
 
-def _load_holdout(experiment_dir: Path, trial_id: str) -> _Holdout:
-    """The trial's fused held-out predictions (`ensemble/<trial_id>.json`) with their ground truth."""
+def _load_split_result(experiment_dir: Path, name: str) -> _SplitResult:
+    """Fused predictions the ensemble job saved (`ensemble/<name>.json`: a trial's on the selection split, or
+    `test`, the chosen ensemble's on the test split) with their ground truth."""
     import torch
 
     from detection.data.coco import load_dataset
@@ -353,8 +361,8 @@ def _load_holdout(experiment_dir: Path, trial_id: str) -> _Holdout:
     from search.tuner import load_experiment
 
     config = load_experiment(experiment_dir)
-    index = load_dataset(config.data.path, filter_empty=config.data.filter_empty)
-    path = experiment_dir / ENSEMBLE_DIR / f"{trial_id}.json"
+    index = load_dataset(config.data.path, filter_empty=False)
+    path = experiment_dir / ENSEMBLE_DIR / f"{name}.json"
     result = _read_json(path)
     spec = result["ensemble"]
     if list(spec["category_ids"]) != list(index.category_ids):
@@ -365,38 +373,38 @@ def _load_holdout(experiment_dir: Path, trial_id: str) -> _Holdout:
     records = index.records(image_ids)
     targets = [{"boxes": torch.as_tensor(r.boxes).reshape(-1, 4), "labels": torch.as_tensor(r.labels),
                 "iscrowd": torch.as_tensor(r.iscrowd)} for r in records]
-    return _Holdout(class_names=tuple(index.class_names), records=records, preds=preds, targets=targets,
+    return _SplitResult(class_names=tuple(index.class_names), records=records, preds=preds, targets=targets,
                     score_threshold=float(spec["score_threshold"]))
 
 
-def _section_per_class(holdout: _Holdout) -> str:
+def _section_per_class(shown: _SplitResult) -> str:
     from detection.metrics import mean_average_precision, precision_recall_curve
 
-    ap = mean_average_precision(holdout.preds, holdout.targets, class_names=holdout.class_names)
-    gt_counts = {name: 0 for name in holdout.class_names}
-    for target in holdout.targets:
+    ap = mean_average_precision(shown.preds, shown.targets, class_names=shown.class_names)
+    gt_counts = {name: 0 for name in shown.class_names}
+    for target in shown.targets:
         for label in target["labels"].tolist():
-            gt_counts[holdout.class_names[label - 1]] += 1
-    table = ("<table><tr><th>class</th><th>held-out boxes</th><th>AP@[.5:.95]</th><th>AP@0.5</th></tr>" + "".join(
+            gt_counts[shown.class_names[label - 1]] += 1
+    table = ("<table><tr><th>class</th><th>boxes</th><th>AP@[.5:.95]</th><th>AP@0.5</th></tr>" + "".join(
         f"<tr><td>{html.escape(name)}</td><td>{gt_counts[name]}</td><td>{ap[f'ap/{name}']:.4f}</td>"
-        f"<td>{ap[f'ap_50/{name}']:.4f}</td></tr>" for name in holdout.class_names)
+        f"<td>{ap[f'ap_50/{name}']:.4f}</td></tr>" for name in shown.class_names)
         + f"<tr><th>all</th><td>{sum(gt_counts.values())}</td><td>{ap['map']:.4f}</td><td>{ap['map_50']:.4f}</td>"
         "</tr></table>")
 
     figure = _figure(5.2, 4.0)
     ax = figure.subplots()
-    curves = [(None, "all classes")] + [(label, name) for label, name in enumerate(holdout.class_names, start=1)]
+    curves = [(None, "all classes")] + [(label, name) for label, name in enumerate(shown.class_names, start=1)]
     for i, (label, name) in enumerate(curves):
-        precision, recall, thresholds = precision_recall_curve(holdout.preds, holdout.targets, label=label)
+        precision, recall, thresholds = precision_recall_curve(shown.preds, shown.targets, label=label)
         if len(precision) == 0:
             continue
         style = dict(lw=2.2, color="black") if label is None else dict(lw=1.2, color=f"C{i}")
         ax.plot(recall, precision, label=f"{name} ({gt_counts.get(name, sum(gt_counts.values()))} gt)", **style)
         if label is None:  # the operating point: the trial's score threshold
-            at = np.flatnonzero(thresholds >= holdout.score_threshold)
+            at = np.flatnonzero(thresholds >= shown.score_threshold)
             if len(at):
                 ax.plot(recall[at[-1]], precision[at[-1]], "o", color="black", ms=6,
-                        label=f"score ≥ {holdout.score_threshold:.2f}")
+                        label=f"score ≥ {shown.score_threshold:.2f}")
     ax.set_xlabel("recall (IoU 0.5)")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)
@@ -410,34 +418,34 @@ def _section_per_class(holdout: _Holdout) -> str:
                                                css="half") + "</div>")
 
 
-def _section_images(holdout: _Holdout, *, max_images: int) -> str:
+def _section_images(shown: _SplitResult, *, max_images: int) -> str:
     from PIL import Image
 
     from detection.data.coco import read_image
     from detection.drawing import draw_detections
 
-    if not holdout.records:
-        return _note("The held-out split is empty: no images to show.")
+    if not shown.records:
+        return _note("The split is empty: no images to show.")
     # The images with the most ground truth first: where a reader sees the ensemble work hardest.
-    order = sorted(range(len(holdout.records)), key=lambda i: (-len(holdout.records[i].boxes), i))[:max_images]
+    order = sorted(range(len(shown.records)), key=lambda i: (-len(shown.records[i].boxes), i))[:max_images]
     cells = []
     with tempfile.TemporaryDirectory(prefix="detsweep-report-") as tmp:
         for i in order:
-            record, pred, target = holdout.records[i], holdout.preds[i], holdout.targets[i]
-            drawn = draw_detections(read_image(record), pred, target, class_names=holdout.class_names,
-                                    score_threshold=holdout.score_threshold, out_path=Path(tmp) / f"{i}.png")
+            record, pred, target = shown.records[i], shown.preds[i], shown.targets[i]
+            drawn = draw_detections(read_image(record), pred, target, class_names=shown.class_names,
+                                    score_threshold=shown.score_threshold, out_path=Path(tmp) / f"{i}.png")
             with Image.open(drawn) as image:
                 image.thumbnail((_THUMB_SIZE, _THUMB_SIZE))
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG", optimize=True)
-            kept = int((pred["scores"] >= holdout.score_threshold).sum())
+            kept = int((pred["scores"] >= shown.score_threshold).sum())
             caption = f"{record.path.name}: {len(record.boxes)} ground truth, {kept} predicted"
             cells.append(f"<figure>{_img(_data_uri(buffer.getvalue()), caption)}"
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     legend = ('<p class="note"><span class="gt">green</span>: ground truth; <span class="pred">magenta</span>: '
-              f"the ensemble's boxes with score &ge; {holdout.score_threshold:.2f} (the trial's threshold).</p>")
-    more = "" if len(holdout.records) <= max_images else _note(
-        f"Showing {max_images} of {len(holdout.records)} held-out images (most ground-truth boxes first).")
+              f"the ensemble's boxes with score &ge; {shown.score_threshold:.2f} (the threshold chosen on the selection split).</p>")
+    more = "" if len(shown.records) <= max_images else _note(
+        f"Showing {max_images} of {len(shown.records)} images (most ground-truth boxes first).")
     return legend + f'<div class="grid">{"".join(cells)}</div>' + more
 
 
@@ -519,7 +527,10 @@ def build_report(experiment_dir: str | Path, *, max_images: int = 8, max_curves:
     config = load_experiment(experiment_dir)  # ConfigError when this is not an experiment folder
     runs = load_trial_runs(experiment_dir / TUNE_DIR)
     rows, best = _leaderboard_rows(runs, experiment_dir)
-    best_run = next((r for r in runs if r.trial_id == best), None)
+    # The trial of the chosen ensemble's first model (a greedy ensemble may mix trials).
+    best_file = experiment_dir / "best_ensemble.json"
+    first_trial = _read_json(best_file)["models"][0]["trial_id"] if best_file.is_file() else None
+    best_run = next((r for r in runs if r.trial_id == first_trial), None)
 
     sections = [
         _section("Leaderboard", "leaderboard", _section_leaderboard(rows, best)),
@@ -528,14 +539,14 @@ def build_report(experiment_dir: str | Path, *, max_images: int = 8, max_curves:
         _section("Learning curves", "curves",
                  _section_curves(runs, [r["trial_id"] for r in rows], max_trials=max_curves)),
     ]
-    has_ensemble = best is not None and (experiment_dir / "ensemble" / f"{best}.json").is_file()
+    has_ensemble = best is not None and (experiment_dir / "ensemble" / "test.json").is_file()
     if has_ensemble:
-        holdout = _load_holdout(experiment_dir, best)
+        shown = _load_split_result(experiment_dir, "test")
         sections += [
-            _section(f"Best ensemble ({best}) on the held-out split: per-class AP and precision-recall", "per-class",
-                     _section_per_class(holdout)),
-            _section("Held-out images: ensemble boxes against ground truth", "images",
-                     _section_images(holdout, max_images=max_images)),
+            _section(f"Chosen ensemble ({best}) on the test split: per-class AP and precision-recall", "per-class",
+                     _section_per_class(shown)),
+            _section("Test images: ensemble boxes against ground truth", "images",
+                     _section_images(shown, max_images=max_images)),
         ]
     else:
         sections.append(_section("Best ensemble", "per-class", _note(
@@ -548,10 +559,12 @@ def build_report(experiment_dir: str | Path, *, max_images: int = 8, max_curves:
                f"<code>{html.escape(config.search.metric)}</code> ({config.search.mode}). Data: "
                f"<code>{html.escape(config.data.path)}</code>.")
     if best is not None:
-        top = next(r for r in rows if r["trial_id"] == best)
-        summary += (f" <b>Best: trial <code>{html.escape(best)}</code>, {html.escape(str(top.get('detector')))}, "
-                    f"ensemble score {_fmt(top.get('score'), '.4f')} (CV {_fmt(top.get('cv_score_mean'), '.4f')} "
-                    f"&plusmn; {_fmt(top.get('cv_score_std'), '.4f')}).</b>")
+        top = next((r for r in rows if r["trial_id"] == "chosen"), None)
+        if top is not None:
+            summary += (f" <b>Chosen ensemble: <code>{html.escape(best)}</code> "
+                        f"({html.escape(str(top.get('detector')))}, {_fmt(top.get('num_models'), '.0f')} models); on "
+                        f"the test split map_50 {_fmt(top.get('map_50'), '.4f')}, f1 {_fmt(top.get('f1'), '.4f')}, "
+                        f"score {_fmt(top.get('score'), '.4f')}.</b>")
     written = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     title = f"detsweep report: {experiment_dir.name}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -50,7 +50,7 @@ class DetectorSpace:
     detectors: tuple[DetectorChoice, ...]
     lr: FloatRange
     batch_sizes: tuple[int, ...]
-    score_threshold: FloatRange
+    score_threshold: FloatRange | None  # None: not searched (chosen on out-of-fold predictions)
 
     def __post_init__(self) -> None:
         if not self.detectors:
@@ -64,7 +64,8 @@ class DetectorSpace:
         name = lr_param_name(choice, num_detectors=len(self.detectors))
         lr = trial.suggest_float(name, lr_range.low, lr_range.high, log=True)
         trial.suggest_categorical("batch_size", list(self.batch_sizes))
-        trial.suggest_float("score_threshold", self.score_threshold.low, self.score_threshold.high)
+        if self.score_threshold is not None:
+            trial.suggest_float("score_threshold", self.score_threshold.low, self.score_threshold.high)
         return {"lr": lr}
 
 

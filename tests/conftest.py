@@ -95,7 +95,7 @@ def tiny_sweep_data(deepforest_root: Path, out: Path, *, num_images: int) -> Pat
 
 
 def write_tiny_sweep_config(path: Path, *, name: str, data: Path, storage: Path, num_samples: int, epochs: int,
-                            image_size: int, holdout_fraction: float = 0.25, score_threshold=(0.01, 0.05),
+                            image_size: int, held_out_fraction: float = 0.25, score_threshold=None,
                             model: dict | None = None, train: dict | None = None) -> Path:
     """A sweep YAML for the tests' tiny real sweeps: Faster R-CNN/MobileNetV2 without pretrained weights,
     2 folds, one trial at a time, 1 CPU per fold and none for the coordinator (fits a 2-core machine)."""
@@ -103,13 +103,14 @@ def write_tiny_sweep_config(path: Path, *, name: str, data: Path, storage: Path,
 
     config = {
         "name": name, "storage": str(storage), "seed": 0,
-        "data": {"path": str(data), "num_folds": 2, "holdout_fraction": holdout_fraction,
-                 "class_balanced_sampling": False},
+        "data": {"path": str(data), "num_folds": 2, "selection_fraction": held_out_fraction,
+                 "test_fraction": held_out_fraction, "class_balanced_sampling": False},
         "model": {"arch": "faster_rcnn", "backbone": "mobilenet_v2", "start": "none", **(model or {})},
         "train": {"epochs": epochs, "image_size": image_size, "warmup_epochs": 0, "patience": 0, **(train or {})},
         "search": {"num_samples": num_samples, "max_concurrent_trials": 1,
                    "space": {"lr": {"low": 0.005, "high": 0.02}, "batch_size": [2, 4],
-                             "score_threshold": {"low": score_threshold[0], "high": score_threshold[1]}}},
+                             **({"score_threshold": {"low": score_threshold[0], "high": score_threshold[1]}}
+                                if score_threshold else {})}},
         "resources": {"cpus_per_fold": 1, "gpus_per_fold": 0, "coordinator_cpus": 0},
     }
     path.write_text(yaml.safe_dump(config))

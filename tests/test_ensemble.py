@@ -21,15 +21,18 @@ import torch
 
 from detection.data.coco import CocoDetection, load_dataset
 from detection.data.splits import Split
-from detection.metrics import detection_metrics
+from detection.metrics import detection_metrics, f1_at_iou
+from detection.predictions import load_predictions
 from search.ensemble import (
     BEST_ENSEMBLE_DIR,
     BEST_ENSEMBLE_JSON,
     ENSEMBLE_DIR,
+    GREEDY,
     LEADERBOARD_CSV,
     LEADERBOARD_MD,
     MIN_MODEL_WEIGHT,
     EnsembleError,
+    greedy_selection,
     load_ensemble,
     predict_ensemble,
     predictions_from_coco,
@@ -47,18 +50,23 @@ def read_leaderboard(experiment: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def trial_rows(experiment: Path) -> list[dict[str, str]]:
+    return [r for r in read_leaderboard(experiment) if r["status"] == "ensembled"]
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def holdout_truth(experiment: Path) -> tuple[list[int], list[dict[str, torch.Tensor]], tuple[str, ...], list]:
-    """Held-out ids, their ground truth at full resolution, the class names, and the images."""
+def split_truth(experiment: Path, part: str) -> tuple[list[int], list[dict[str, torch.Tensor]], tuple[str, ...], list]:
+    """The ids of a split part ("selection" or "test"), their ground truth at full resolution, the class names,
+    and the images."""
     config = load_experiment(experiment)
-    index = load_dataset(config.data.path, filter_empty=config.data.filter_empty)
-    split = Split.from_json(experiment / "split.json")
-    dataset = CocoDetection(index, split.holdout, transforms=None)
+    index = load_dataset(config.data.path, filter_empty=False)
+    ids = list(getattr(Split.from_json(experiment / "split.json"), part))
+    dataset = CocoDetection(index, ids, transforms=None)
     images, targets = zip(*(dataset[i] for i in range(len(dataset)))) if len(dataset) else ((), ())
-    return list(split.holdout), list(targets), index.class_names, list(images)
+    return ids, list(targets), index.class_names, list(images)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -72,18 +80,27 @@ def hardlink_copy(experiment: Path, target: Path) -> Path:
     return target
 
 
+def assert_f1_optimal(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]],
+                      threshold: float) -> None:
+    """No score threshold gives these predictions a higher F1 than `threshold` (every score and a grid tried)."""
+    chosen = f1_at_iou(preds, targets, score_threshold=threshold)[2]
+    scores = torch.cat([p["scores"] for p in preds]).tolist() if preds else []
+    for other in sorted(set(scores) | {i / 100 for i in range(101)}):
+        assert chosen >= f1_at_iou(preds, targets, score_threshold=other)[2] - 1e-12, (threshold, other)
+
+
 # ------------------------------------------------------------------------------------ the leaderboard
 
 
-def test_leaderboard_metrics_agree_with_a_recomputation_from_the_saved_predictions(finished_sweep: Path) -> None:
-    rows = [r for r in read_leaderboard(finished_sweep) if r["status"] == "ensembled"]
+def test_selection_split_metrics_agree_with_a_recomputation_from_the_saved_predictions(finished_sweep: Path) -> None:
+    rows = trial_rows(finished_sweep)
     assert len(rows) == 2  # the fixture's 2 trials both finish
-    image_ids, targets, class_names, _ = holdout_truth(finished_sweep)
-    assert image_ids, "the fixture's split must hold out images"
+    image_ids, targets, class_names, _ = split_truth(finished_sweep, "selection")
+    assert image_ids, "the fixture's split must have selection images"
     boxes_seen = 0
     for row in rows:
         saved = read_json(finished_sweep / ENSEMBLE_DIR / f"{row['trial_id']}.json")
-        assert saved["image_ids"] == image_ids
+        assert saved["image_ids"] == image_ids and saved["split"] == "selection"
         spec = saved["ensemble"]
         preds = predictions_from_coco(saved["predictions"], image_ids, spec["category_ids"])
         boxes_seen += sum(len(p["boxes"]) for p in preds)
@@ -91,12 +108,15 @@ def test_leaderboard_metrics_agree_with_a_recomputation_from_the_saved_predictio
         for m in METRICS:
             assert float(row[m]) == pytest.approx(recomputed[m], abs=1e-6), (row["trial_id"], m)
             assert saved["metrics"][m] == pytest.approx(recomputed[m], abs=1e-6), (row["trial_id"], m)
+        # The fused models' threshold is F1-optimal on their selection predictions; mAP ignores it.
+        assert float(row["score_threshold"]) == pytest.approx(spec["score_threshold"], abs=1e-12)
+        assert_f1_optimal(preds, targets, spec["score_threshold"])
     assert boxes_seen > 0, "the fused ensembles kept no box at all: the comparison above would be vacuous"
 
 
-def test_leaderboard_ranks_by_ensemble_score_with_params_and_cv_scores(finished_sweep: Path) -> None:
-    rows = read_leaderboard(finished_sweep)
-    scores = [float(r["score"]) for r in rows if r["status"] == "ensembled"]
+def test_leaderboard_ranks_trials_with_params_cv_scores_single_models_and_wbf(finished_sweep: Path) -> None:
+    rows = trial_rows(finished_sweep)
+    scores = [float(r["score"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
     assert [r["rank"] for r in rows] == [str(i) for i in range(1, len(rows) + 1)]
     markdown = (finished_sweep / LEADERBOARD_MD).read_text()
@@ -104,51 +124,104 @@ def test_leaderboard_ranks_by_ensemble_score_with_params_and_cv_scores(finished_
     for row in rows:
         trial_dir = finished_sweep / "tune" / f"trial_{row['trial_id']}"
         params = read_json(trial_dir / "params.json")
-        assert row["detector"] == params["detector"]
+        assert row["detector"] == params["detector"] and row["split"] == "selection"
         assert float(row["lr"]) == pytest.approx(params["lr"], rel=1e-12)
         assert int(row["batch_size"]) == params["batch_size"]
-        assert float(row["score_threshold"]) == pytest.approx(params["score_threshold"], rel=1e-12)
-        # CV score: the best epoch's fold mean as Tune recorded it, with that epoch's fold std.
+        assert "score_threshold" not in params  # chosen on predictions, not sampled
+        # CV score: the fold mean of each fold's best-epoch score (what Optuna was told), from Tune's results.
         reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
-        best = max(reports, key=lambda r: r["score_mean"])
-        assert float(row["cv_score_mean"]) == pytest.approx(best["score_mean"], abs=1e-12)
-        assert float(row["cv_score_std"]) == pytest.approx(best["score_std"], abs=1e-12)
-        assert int(row["cv_epoch"]) == best["training_iteration"]
+        folds = range(config.data.num_folds)
+        fold_best = [max(r[f"fold{k}/score"] for r in reports) for k in folds]
+        assert reports[-1]["cv_score"] == pytest.approx(sum(fold_best) / len(fold_best), abs=1e-12)
+        assert float(row["cv_score"]) == pytest.approx(reports[-1]["cv_score"], abs=1e-12)
+        assert reports[-1]["finished"] == 1 and all(r["finished"] == 0 for r in reports[:-1])
         assert int(row["epochs"]) == config.train.epochs == len(reports)
-        assert f"| {row['rank']} | {row['trial_id']} | ensembled | {row['detector']} |" in markdown
+        assert f"| {row['rank']} | {row['trial_id']} | selection | ensembled | {row['detector']} |" in markdown
 
-        # WBF: skip_box_thr is the trial's threshold, weights the fold models' scores, iou_thr the sweep's.
-        wbf = read_json(finished_sweep / ENSEMBLE_DIR / f"{row['trial_id']}.json")["ensemble"]["wbf"]
         checkpoint = max(trial_dir.glob("checkpoint_*"))
+        trial_json = read_json(checkpoint / "trial.json")
+        assert row["start"] == trial_json["start"] == "none"  # the fixture trains from scratch
+        # The best single fold model is one of the trial's own, the best on the selection split.
         best_models = read_json(checkpoint / "best" / "best.json")
+        assert row["single_model"] in {f"{row['trial_id']}/fold-{m['fold']}" for m in best_models}
+        assert float(row["single_score"]) == pytest.approx(
+            0.5 * float(row["single_map_50"]) + 0.5 * float(row["single_f1"]), abs=1e-9)
+        # WBF: skip_box_thr the fixed floor, weights the fold models' validation scores, iou_thr the sweep's.
+        wbf = read_json(finished_sweep / ENSEMBLE_DIR / f"{row['trial_id']}.json")["ensemble"]["wbf"]
         assert int(row["num_models"]) == len(best_models) == min(3, config.data.num_folds)  # K=2 folds -> 2 models
         assert wbf["weights"] == [max(m["score"], MIN_MODEL_WEIGHT) for m in best_models]
-        assert wbf["skip_box_thr"] == params["score_threshold"]
-        assert wbf["iou_thr"] == config.ensemble.iou_thr
-        assert wbf["conf_type"] == config.ensemble.conf_type
+        assert wbf["skip_box_thr"] == config.ensemble.skip_box_thr
+        assert wbf["iou_thr"] == config.ensemble.iou_thr and wbf["conf_type"] == config.ensemble.conf_type
 
 
-# ------------------------------------------------------------------------------------- best ensemble
+def test_trial_threshold_is_f1_optimal_on_its_saved_out_of_fold_predictions(finished_sweep: Path) -> None:
+    config = load_experiment(finished_sweep)
+    index = load_dataset(config.data.path, filter_empty=False)
+    for row in trial_rows(finished_sweep):
+        checkpoint = max((finished_sweep / "tune" / f"trial_{row['trial_id']}").glob("checkpoint_*"))
+        split = Split.from_json(finished_sweep / "split.json")
+        preds, targets = [], []
+        for k in range(split.num_folds):  # each fold's validation images, predicted by the model that did not see them
+            saved = load_predictions(checkpoint / "best" / f"oof-fold-{k}.pt")
+            assert saved.image_ids == list(split.val_ids(k))
+            preds += saved.preds
+            targets += [{"boxes": torch.as_tensor(r.boxes), "labels": torch.as_tensor(r.labels),
+                         "iscrowd": torch.as_tensor(r.iscrowd)} for r in index.records(saved.image_ids)]
+        threshold = read_json(checkpoint / "trial.json")["score_threshold"]
+        assert_f1_optimal(preds, targets, threshold)
 
 
-def test_best_ensemble_loads_and_reproduces_the_saved_holdout_predictions(finished_sweep: Path) -> None:
+# ------------------------------------------------------------------------------------- chosen ensemble
+
+
+def test_the_winner_is_chosen_on_the_selection_split_and_only_it_is_scored_on_the_test_split(
+        finished_sweep: Path) -> None:
+    board = read_leaderboard(finished_sweep)
+    by_name = {r["trial_id"]: r for r in board}
     manifest = read_json(finished_sweep / BEST_ENSEMBLE_JSON)
-    top = read_leaderboard(finished_sweep)[0]
-    assert manifest["trial_id"] == top["trial_id"]
-    assert manifest["holdout_metrics"]["score"] == pytest.approx(float(top["score"]), abs=1e-12)
-    # The model files were copied out of Tune's checkpoint (which the next checkpoint would replace).
+    candidates = {r["trial_id"]: float(r["score"]) for r in board if r["status"] in ("ensembled", "greedy ensemble")}
+    assert GREEDY in candidates  # 2 trials x 2 fold models: greedy selection runs
+    assert manifest["name"] == max(candidates, key=lambda n: (candidates[n], n != GREEDY))
+    assert manifest["selection_metrics"]["score"] == pytest.approx(candidates[manifest["name"]], abs=1e-12)
+    greedy = read_json(finished_sweep / ENSEMBLE_DIR / f"{GREEDY}.json")["ensemble"]
+    assert 1 <= sum(greedy["wbf"]["weights"]) <= load_experiment(finished_sweep).ensemble.max_models
+
+    # The test split: the chosen ensemble at its selection threshold, recomputed from its saved predictions.
+    chosen, single = by_name["chosen"], by_name["best single model"]
+    assert chosen["split"] == single["split"] == "test"
+    image_ids, targets, class_names, _ = split_truth(finished_sweep, "test")
+    saved = read_json(finished_sweep / ENSEMBLE_DIR / "test.json")
+    assert saved["image_ids"] == image_ids and saved["name"] == manifest["name"]
+    assert saved["ensemble"]["score_threshold"] == manifest["score_threshold"]  # chosen on selection, not on test
+    preds = predictions_from_coco(saved["predictions"], image_ids, manifest["category_ids"])
+    recomputed = detection_metrics(preds, targets, score_threshold=manifest["score_threshold"], class_names=class_names)
+    for m in METRICS:
+        assert float(chosen[m]) == pytest.approx(recomputed[m], abs=1e-6), m
+        assert manifest["test_metrics"][m] == pytest.approx(recomputed[m], abs=1e-6), m
+    assert single["single_model"] == manifest["best_single_model"]["model"]
+    assert float(single["score"]) == pytest.approx(manifest["best_single_model"]["test"]["score"], abs=1e-12)
+    text = (finished_sweep / LEADERBOARD_MD).read_text()
+    assert f"Test split (scored once): chosen ensemble map_50 {float(chosen['map_50']):.4f}" in text
+
+
+def test_best_ensemble_loads_and_reproduces_the_saved_test_predictions(finished_sweep: Path) -> None:
+    manifest = read_json(finished_sweep / BEST_ENSEMBLE_JSON)
+    # The model files were copied out of Tune's checkpoints (which the next checkpoint would replace).
     for model in manifest["models"]:
         path = Path(model["path"])
         assert path.is_absolute() and path.parent == (finished_sweep / BEST_ENSEMBLE_DIR).resolve()
-        source = Path(manifest["source_checkpoint"]) / "best" / f"rank-{model['rank']}.pt"
-        assert path.read_bytes() == source.read_bytes()
+        source = next((finished_sweep / "tune" / f"trial_{model['trial_id']}").glob("checkpoint_*/best/best.json"))
+        rank_file = next(e["file"] for e in read_json(source) if e["fold"] == model["fold"])
+        sources = [p / "best" / rank_file for p in (finished_sweep / "tune" / f"trial_{model['trial_id']}").glob(
+            "checkpoint_*")]
+        assert path.read_bytes() in [p.read_bytes() for p in sources if p.is_file()]
 
     models, spec = load_ensemble(finished_sweep / BEST_ENSEMBLE_JSON, "cpu")
-    assert len(models) == len(manifest["models"]) == 2
-    assert (spec.arch, spec.backbone, spec.num_classes) == ("faster_rcnn", "mobilenet_v2", 3)
+    assert len(models) == len(manifest["models"]) and spec.name == manifest["name"]
+    assert {(m.arch, m.backbone) for m in spec.models} == {("faster_rcnn", "mobilenet_v2")}
     assert spec.class_names == ("Tree", "Dead", "Alive") and spec.score_threshold == manifest["score_threshold"]
 
-    image_ids, targets, class_names, images = holdout_truth(finished_sweep)
+    image_ids, targets, class_names, images = split_truth(finished_sweep, "test")
     # The job's Ray task had 1 CPU, so torch ran on 1 thread there: the same here gives the same floats
     # (with more threads, sums in another order can tip a box near the IoU threshold into another WBF cluster).
     threads = torch.get_num_threads()
@@ -157,7 +230,7 @@ def test_best_ensemble_loads_and_reproduces_the_saved_holdout_predictions(finish
         fused = predict_ensemble(models, spec, images, batch_size=2)
     finally:
         torch.set_num_threads(threads)
-    saved = read_json(finished_sweep / ENSEMBLE_DIR / f"{spec.trial_id}.json")
+    saved = read_json(finished_sweep / ENSEMBLE_DIR / "test.json")
     expected = predictions_from_coco(saved["predictions"], image_ids, spec.category_ids)
     for got, want in zip(fused, expected, strict=True):
         torch.testing.assert_close(got["boxes"], want["boxes"], atol=1e-3, rtol=0)  # pixels, xyxy absolute
@@ -165,7 +238,28 @@ def test_best_ensemble_loads_and_reproduces_the_saved_holdout_predictions(finish
         assert torch.equal(got["labels"], want["labels"])
     again = detection_metrics(fused, targets, score_threshold=spec.score_threshold, class_names=class_names)
     for m in METRICS:
-        assert again[m] == pytest.approx(manifest["holdout_metrics"][m], abs=1e-3), m
+        assert again[m] == pytest.approx(manifest["test_metrics"][m], abs=1e-3), m
+
+
+def test_greedy_selection_with_replacement_on_hand_made_scores() -> None:
+    # Scores of multisets of three models: b alone is best; a + b beats b; b twice + c beats everything.
+    table = {("b",): 0.5, ("a",): 0.4, ("c",): 0.1, ("a", "b"): 0.6, ("b", "b"): 0.45, ("b", "c"): 0.55,
+             ("a", "a", "b"): 0.58, ("a", "b", "b"): 0.59, ("a", "b", "c"): 0.61,
+             ("a", "a", "a", "b"): 0.5, ("a", "a", "b", "c"): 0.5, ("a", "b", "b", "c"): 0.7, ("a", "b", "c", "c"): 0.6}
+    calls = []
+
+    def score_of(keys: list[str]) -> float:
+        calls.append(tuple(keys))
+        return table[tuple(sorted(keys))]
+
+    chosen, score = greedy_selection(["a", "b", "c"], score_of, max_models=4)
+    # b (0.5) -> + a (0.6) -> + c (0.61 > 0.59 > 0.58) -> + b (0.7): with replacement, b twice.
+    assert sorted(chosen) == ["a", "b", "b", "c"] and score == 0.7
+    chosen, score = greedy_selection(["a", "b", "c"], score_of, max_models=2)
+    assert sorted(chosen) == ["a", "b"] and score == 0.6
+    assert greedy_selection(["a", "b", "c"], score_of, max_models=1) == (["b"], 0.5)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        greedy_selection([], score_of, max_models=3)
 
 
 def test_predict_ensemble_on_an_empty_scene_and_on_no_images(finished_sweep: Path) -> None:
@@ -191,25 +285,31 @@ def test_load_ensemble_finds_moved_models_and_names_bad_manifests(finished_sweep
                                     for m in manifest["models"]]}
     (moved / BEST_ENSEMBLE_JSON).write_text(json.dumps(stale))
     models, spec = load_ensemble(moved / BEST_ENSEMBLE_JSON, "cpu")
-    assert len(models) == 2
-    assert [Path(m.path).parent for m in spec.models] == [moved / BEST_ENSEMBLE_DIR] * 2
+    assert len(models) == len(manifest["models"])
+    assert [Path(m.path).parent for m in spec.models] == [moved / BEST_ENSEMBLE_DIR] * len(models)
 
     no_wbf = {k: v for k, v in manifest.items() if k != "wbf"}
     (tmp_path / "no_wbf.json").write_text(json.dumps(no_wbf))
     with pytest.raises(EnsembleError, match=r"no_wbf\.json: missing key 'wbf'"):
         load_ensemble(tmp_path / "no_wbf.json", "cpu")
 
-    (tmp_path / "broken.json").write_text('{"trial_id": ')
+    (tmp_path / "broken.json").write_text('{"name": ')
     with pytest.raises(EnsembleError, match=r"broken\.json: malformed JSON at line 1"):
         load_ensemble(tmp_path / "broken.json", "cpu")
 
-    short = {**manifest, "wbf": {**manifest["wbf"], "weights": [1.0]}}  # 2 models, 1 weight
+    old = {**manifest, "format": 1}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(EnsembleError, match=r"old\.json: `format` is 1, but this version reads ensemble manifests "
+                                            r"of format 2"):
+        load_ensemble(tmp_path / "old.json", "cpu")
+
+    short = {**manifest, "wbf": {**manifest["wbf"], "weights": manifest["wbf"]["weights"] + [1.0]}}
     (tmp_path / "short.json").write_text(json.dumps(short))
-    with pytest.raises(EnsembleError, match=r"`wbf.weights` must hold one weight per model \(2\)"):
+    with pytest.raises(EnsembleError, match=r"`wbf.weights` must hold one weight per model"):
         load_ensemble(tmp_path / "short.json", "cpu")
 
     (tmp_path / "lost.json").write_text(json.dumps(stale))  # no best_ensemble/ beside it either
-    with pytest.raises(EnsembleError, match=r"gone/rank-1\.pt: model file of trial .* not found"):
+    with pytest.raises(EnsembleError, match=r"gone/.*\.pt: model file of trial .* not found"):
         load_ensemble(tmp_path / "lost.json", "cpu")
 
 
@@ -218,18 +318,20 @@ def test_load_ensemble_finds_moved_models_and_names_bad_manifests(finished_sweep
 
 def test_ensemble_command_on_one_chosen_trial_matches_the_sweeps_own_run(finished_sweep: Path, tmp_path: Path) -> None:
     experiment = hardlink_copy(finished_sweep, tmp_path / "exp")
-    second = read_leaderboard(finished_sweep)[1]
+    before = read_leaderboard(finished_sweep)
+    second = trial_rows(finished_sweep)[1]
 
     done = run_cli("ensemble", str(experiment), "--trial", second["trial_id"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"| 1 | {second['trial_id']} | ensembled |" in done.stdout  # the leaderboard is printed
-    (row,) = read_leaderboard(experiment)
+    assert f"| 1 | {second['trial_id']} | selection | ensembled |" in done.stdout  # the leaderboard is printed
+    (row,) = trial_rows(experiment)
     assert row["trial_id"] == second["trial_id"]
     for m in METRICS:  # the same models on the same images: the same numbers as in the sweep's own run
         assert float(row[m]) == pytest.approx(float(second[m]), abs=1e-6), m
-    assert read_json(experiment / BEST_ENSEMBLE_JSON)["trial_id"] == second["trial_id"]
+    chosen = read_json(experiment / BEST_ENSEMBLE_JSON)
+    assert {m["trial_id"] for m in chosen["models"]} == {second["trial_id"]}  # greedy among its own models at most
     # The sweep's own results were never touched through the links.
-    assert read_leaderboard(finished_sweep)[1] == second and len(read_leaderboard(finished_sweep)) == 2
+    assert read_leaderboard(finished_sweep) == before
 
     done = run_cli("ensemble", str(experiment), "--trial", "nope")
     assert done.returncode == 2
@@ -262,7 +364,7 @@ def test_errored_trial_is_listed_with_its_error_and_not_ensembled(deepforest_roo
     leaderboard = run_ensemble(experiment)  # no trial to ensemble: no Ray needed, still a leaderboard
 
     (row,) = read_leaderboard(experiment)
-    assert row["status"] == "ERROR" and row["rank"] == "" and row["score"] == ""
+    assert row["status"] == "ERROR" and row["rank"] == "" and row["score"] == ""  # no greedy or test rows either
     # The reason of Tune's pickled TrialFailed, down to the cause: the weights file does not fit the backbone.
     assert row["error"].startswith("TrialFailed: fold ") and "worker failed to start" in row["error"]
     assert "state_dict" in row["error"] and "conv.weight" in row["error"], row["error"]  # the bogus file's key

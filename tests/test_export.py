@@ -24,12 +24,14 @@ def test_export_best_then_train_on_all_data(finished_sweep: Path, tmp_path: Path
     assert f"detsweep train --config {out} --all-data" in capsys.readouterr().out
 
     best = json.loads((finished_sweep / "best_ensemble.json").read_text())
-    params = best["params"]
+    heaviest = max(range(len(best["models"])), key=lambda i: (best["wbf"]["weights"][i], -i))
+    trial_id = best["models"][heaviest]["trial_id"]  # the chosen ensemble's (heaviest model's) trial
+    params = json.loads((finished_sweep / "tune" / f"trial_{trial_id}" / "params.json").read_text())
     config = load_experiment_config(out)
     arch, backbone = params["detector"].split("/")
     assert (config.model.arch, config.model.backbone) == (arch, backbone)
     assert config.train.lr == params["lr"] and config.train.batch_size == params["batch_size"]
-    assert config.train.score_threshold == params["score_threshold"]
+    assert config.train.score_threshold is None and "score_threshold" not in params  # chosen on predictions
     # Everything else is the sweep's base config.
     sweep = yaml.safe_load((finished_sweep / "sweep.yaml").read_text())
     assert config.seed == sweep["seed"] and config.data.path == sweep["data"]["path"]
@@ -37,12 +39,12 @@ def test_export_best_then_train_on_all_data(finished_sweep: Path, tmp_path: Path
         assert getattr(config.train, key) == sweep["train"][key], key
     assert config.model.start == sweep["model"]["start"]
     # The trial trained exactly this config (trial.json in its checkpoint holds the config it applied).
-    trial_json = json.loads(next((finished_sweep / "tune").glob(f"trial_{best['trial_id']}/checkpoint_*/trial.json"))
+    trial_json = json.loads(next((finished_sweep / "tune").glob(f"trial_{trial_id}/checkpoint_*/trial.json"))
                             .read_text())
     assert trial_json["config"] == json.loads(json.dumps(config.to_dict()))
-    assert out.read_text().startswith(f"# detsweep export-best {finished_sweep}\n# trial {best['trial_id']} "
-                                      f"(best ensemble on the held-out split, score "
-                                      f"{best['holdout_metrics']['score']:.4f}); sampled params: ")
+    assert out.read_text().startswith(f"# detsweep export-best {finished_sweep}\n# trial {trial_id} "
+                                      f"(chosen ensemble on the selection split, score "
+                                      f"{best['selection_metrics']['score']:.4f}); sampled params: ")
 
     run_dir = tmp_path / "run"
     assert cli_main(["train", "--config", str(out), "--all-data", "--epochs", "1", "--out", str(run_dir),
@@ -62,9 +64,9 @@ def test_best_trial_before_the_ensemble_job_is_the_best_cv_trial(finished_sweep:
     trial = best_trial(experiment)
     assert trial.source == "cv"
     runs = load_trial_runs(experiment / "tune")
-    top = max(runs, key=lambda r: (r.last["score_mean"], r.trial_id))
-    assert trial.score == top.last["score_mean"]
-    assert trial.params == {k: top.config[k] for k in ("detector", "lr", "batch_size", "score_threshold")}
+    top = max(runs, key=lambda r: (r.last["cv_score"], r.trial_id))
+    assert trial.score == top.last["cv_score"]  # the sweep's metric
+    assert trial.params == {k: top.config[k] for k in ("detector", "lr", "batch_size")}
     out = export_best_config(experiment, tmp_path / "cv.yaml")
     assert "best cross-validation score" in out.read_text().splitlines()[1]
     load_experiment_config(out)

@@ -35,7 +35,7 @@ PROJECT = Path(trainables.manifest.__file__).resolve().parents[1]  # the checkou
 @pytest.fixture(scope="module")
 def forest(deepforest_root: Path, deepforest_index, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(Roboflow-style DeepForest export, its split.json)."""
-    split = make_split(deepforest_index, num_folds=2, holdout_fraction=0.2, seed=0)
+    split = make_split(deepforest_index, num_folds=2, selection_fraction=0.1, test_fraction=0.1, seed=0)
     return deepforest_root, split.to_json(tmp_path_factory.mktemp("manifest") / "split.json")
 
 
@@ -144,7 +144,7 @@ def test_two_train_runs_with_one_seed_give_the_same_first_epoch_loss(deepforest_
     config = tmp_path / "tiny.yaml"
     config.write_text(
         "seed: 3\n"
-        f"data: {{path: {data}, num_folds: 2, holdout_fraction: 0.0}}\n"
+        f"data: {{path: {data}, num_folds: 2, selection_fraction: 0.0, test_fraction: 0.0}}\n"
         "model: {arch: faster_rcnn, backbone: mobilenet_v2, pretrained: false}\n"
         "train: {epochs: 1, image_size: 96, batch_size: 2, eval_batch_size: 2}\n"
     )
@@ -207,7 +207,7 @@ def test_every_trial_of_a_sweep_checkpoints_its_manifest(finished_sweep: Path, t
              if not d.startswith("git commit")]
     assert len(drift) == 1 and drift[0].startswith("dataset sha256 differs") and data_path.name in drift[0]
     # So is another split (a trial records the split it trained on, not just a file path).
-    other = Split(holdout=split.holdout, folds=tuple(reversed(split.folds)), seed=split.seed)
+    other = Split(selection=split.selection, test=split.test, folds=tuple(reversed(split.folds)), seed=split.seed)
     drift = [d for d in check_manifest({**first, "split": {**first["split"],
                                                             "path": str(other.to_json(tmp_path / "other.json"))}})
              if not d.startswith("git commit")]

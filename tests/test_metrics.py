@@ -14,8 +14,11 @@ from torchvision.ops import box_convert
 from detection.metrics import (
     MAX_DETECTIONS,
     METRIC_NAMES,
+    Matches,
+    best_f1_threshold,
     detection_metrics,
     f1_at_iou,
+    match_predictions,
     mean_average_precision,
     precision_recall_curve,
 )
@@ -242,10 +245,37 @@ def test_precision_recall_curve_hand_computed():
     assert [len(a) for a in empty] == [0, 0, 0]
 
 
+def test_best_f1_threshold_hand_computed_and_no_sampled_threshold_beats_it():
+    preds, targets = _hand_case()
+    # By score (see test_precision_recall_curve_hand_computed): cumulative TP 0 1 1 1 2 3, FP 1 1 2 3 3 3, 4 gt.
+    # F1 at each cut: 0.95 -> 0; 0.9 -> 2/(2+1+3) = 1/3; 0.8 -> 2/7; 0.7 -> 1/4; 0.6 -> 4/9; 0.2 -> 6/10 = 0.6
+    assert best_f1_threshold(preds, targets) == pytest.approx(0.2)
+    matches = match_predictions(preds, targets)
+    threshold, f1 = matches.best_f1()
+    assert threshold == pytest.approx(0.2) and f1 == pytest.approx(0.6)
+    for sampled in np.linspace(0.0, 1.0, 201):  # what a sampled `score_threshold` could have been
+        assert f1 >= f1_at_iou(preds, targets, score_threshold=float(sampled))[2] - 1e-12
+        assert matches.f1_at(float(sampled)) == pytest.approx(f1_at_iou(preds, targets, score_threshold=float(sampled))[2])
+    result = detection_metrics(preds, targets, score_threshold=None, class_names=CLASS_NAMES)
+    assert result["score_threshold"] == pytest.approx(0.2) and result["f1"] == pytest.approx(0.6)
+    # Nothing to match: the fallback cut 0.5 with F1 0.
+    assert match_predictions([_pred([], [], [])], [_target([], [])]).best_f1() == (0.5, 0.0)
+
+
+def test_matches_of_disjoint_images_pool_into_one_curve():
+    preds, targets = _hand_case()
+    pooled = Matches.concat([match_predictions(preds[:1], targets[:1]), match_predictions(preds[1:], targets[1:])])
+    whole = match_predictions(preds, targets)
+    np.testing.assert_allclose(pooled.scores, whole.scores)
+    assert pooled.is_tp.tolist() == whole.is_tp.tolist() and pooled.num_gt == whole.num_gt == 4
+    assert Matches.from_dict(pooled.to_dict()).best_f1() == pytest.approx(whole.best_f1())
+
+
 def test_detection_metrics_keys_and_score():
     preds, targets = _hand_case()
     result = detection_metrics(preds, targets, score_threshold=0.5, class_names=CLASS_NAMES)
     expected = set(METRIC_NAMES) | {f"ap/{n}" for n in CLASS_NAMES} | {f"ap_50/{n}" for n in CLASS_NAMES}
+    expected |= {"score_threshold"}  # the threshold F1 was computed at
     assert set(result) == expected
     assert all(isinstance(v, float) and math.isfinite(v) for v in result.values())
     assert result["f1"] == pytest.approx(0.4 / 0.9)
@@ -263,7 +293,8 @@ def test_detection_metrics_empty():
     only_fp = detection_metrics(
         [_pred([[0, 0, 5, 5]], [0.9], [1])], [_target([], [])], score_threshold=0.5, class_names=CLASS_NAMES
     )
-    assert all(v == 0.0 for v in only_fp.values())  # torchmetrics' -1 ("undefined") comes back as 0.0
+    # torchmetrics' -1 ("undefined") comes back as 0.0; score_threshold is the cut F1 used, not a metric
+    assert all(v == 0.0 for k, v in only_fp.items() if k != "score_threshold") and only_fp["score_threshold"] == 0.5
 
 
 def test_detection_metrics_rejects_bad_input():

@@ -32,7 +32,7 @@ OBJECT_STORE = 200 * 1024**2  # per node (Ray's default is 30% of the machine's 
 # One CPU and one (logical) GPU per fold: a worker node holds exactly one fold.
 RESOURCES = ResourcesConfig(cpus_per_fold=1, gpus_per_fold=1, coordinator_cpus=0.5)
 # Fold 0 validates on tiles 0-1, fold 1 on 2-3; each trains on the other two (one batch of 2).
-SPLIT = Split(holdout=(4,), folds=((0, 1), (2, 3)), seed=0)
+SPLIT = Split(selection=(4,), test=(), folds=((0, 1), (2, 3)), seed=0)
 
 
 def add_gpu_node(cluster: Cluster) -> Any:

@@ -231,8 +231,11 @@ def test_report_is_self_contained_and_has_every_section(report_page: Path, finis
         assert f'<section id="{anchor}">' in page
     trial_ids = [run.trial_id for run in load_trial_runs(finished_sweep / "tune")]
     assert len(trial_ids) == 2 and all(f"<code>{t}</code>" in page for t in trial_ids)
-    best = json.loads((finished_sweep / "best_ensemble.json").read_text())["trial_id"]
-    assert re.search(rf'<tr class="best"><td>1</td><td><code>{best}</code>', page)
+    chosen = json.loads((finished_sweep / "best_ensemble.json").read_text())
+    best = chosen["models"][0]["trial_id"]  # the trial of the chosen ensemble's first model
+    assert re.search(r'<tr class="best"><td>&ndash;</td><td><code>chosen</code><td>test</td>', page)
+    if chosen["name"] != "greedy":
+        assert re.search(rf'<tr class="best"><td>1</td><td><code>{chosen["name"]}</code>', page)
     for name in ("Tree", "Dead", "Alive"):
         assert f"<td>{name}</td>" in page
     assert "optimization history" in page.lower()
@@ -243,16 +246,17 @@ def test_report_is_self_contained_and_has_every_section(report_page: Path, finis
 
 @pytest.mark.slow
 def test_report_ap_agrees_with_the_ensemble_job(finished_sweep: Path) -> None:
-    """The report rebuilds the best ensemble's held-out predictions and ground truth; its mAP must be the
+    """The report rebuilds the chosen ensemble's test-split predictions and ground truth; its mAP must be the
     ensemble job's own."""
     best = json.loads((finished_sweep / "best_ensemble.json").read_text())
-    holdout = report._load_holdout(finished_sweep, best["trial_id"])
+    shown = report._load_split_result(finished_sweep, "test")
     split = json.loads((finished_sweep / "split.json").read_text())
-    assert [r.image_id for r in holdout.records] == split["holdout"]
-    ours = mean_average_precision(holdout.preds, holdout.targets, class_names=holdout.class_names)
+    assert [r.image_id for r in shown.records] == split["test"]
+    assert shown.score_threshold == best["score_threshold"]  # chosen on the selection split
+    ours = mean_average_precision(shown.preds, shown.targets, class_names=shown.class_names)
     for key in ("map", "map_50", "map_75"):
-        assert ours[key] == pytest.approx(best["holdout_metrics"][key], abs=1e-6)
-    assert sum(len(p["boxes"]) for p in holdout.preds) > 0  # the fixture's thresholds keep fused boxes
+        assert ours[key] == pytest.approx(best["test_metrics"][key], abs=1e-6)
+    assert sum(len(p["boxes"]) for p in shown.preds) > 0  # the fused boxes above WBF's floor
 
 
 @pytest.mark.slow
@@ -343,14 +347,14 @@ def test_learning_curve_figure_from_real_result_rows(tmp_path: Path) -> None:
 def test_per_class_section_with_no_predictions(deepforest_index) -> None:
     """The empty case: an ensemble that predicted nothing gives AP 0 and an empty PR plot, not an error."""
     records = deepforest_index.records([0, 1])
-    holdout = report._Holdout(
+    shown = report._SplitResult(
         class_names=deepforest_index.class_names, records=records,
         preds=[{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
                for _ in records],
         targets=[{"boxes": torch.as_tensor(r.boxes), "labels": torch.as_tensor(r.labels),
                   "iscrowd": torch.as_tensor(r.iscrowd)} for r in records],
         score_threshold=0.3)
-    html = report._section_per_class(holdout)
+    html = report._section_per_class(shown)
     num_boxes = sum(len(r.boxes) for r in records)
     assert f"<tr><th>all</th><td>{num_boxes}</td><td>0.0000</td><td>0.0000</td></tr>" in html
     assert html.count("<img") == 1

@@ -159,7 +159,7 @@ def test_resume_and_status_name_a_folder_that_is_no_experiment(tmp_path, capsys)
 
 def test_defaults_validate_without_data_check():
     cfg = SweepConfig().validate(check_data=False)
-    assert cfg.search.space.batch_size == (4, 8) and cfg.search.metric == "score_mean"
+    assert cfg.search.space.batch_size == (4, 8) and cfg.search.metric == "cv_score" and cfg.search.space.score_threshold is None
 
 
 def test_experiment_folder_rules(tmp_path, coco_json):

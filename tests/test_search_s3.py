@@ -145,12 +145,12 @@ def test_a_taken_or_unreadable_uri_is_a_config_error(s3: str, deepforest_root: P
 @pytest.fixture(scope="module")
 def s3_sweep(s3: str, deepforest_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """(experiment URI, the driver's cache) of a real tiny sweep run with `--storage s3://...`:
-    1 trial x 2 folds x 1 epoch of Faster R-CNN/MobileNetV2 at 64 px on 6 tiles (2 held out)."""
+    1 trial x 2 folds x 1 epoch of Faster R-CNN/MobileNetV2 at 64 px on 6 tiles (1 selection, 1 test)."""
     root = tmp_path_factory.mktemp("s3_sweep")
     data = tiny_sweep_data(deepforest_root, root / "data", num_images=6)
     config_path = write_tiny_sweep_config(
         root / "sweep.yaml", name="tiny", data=data, storage=root / "never-used", num_samples=1, epochs=1,
-        image_size=64, holdout_fraction=0.34, model={"roi_batch_size_per_image": 32, "rpn_post_nms_top_n_train": 200},
+        image_size=64, held_out_fraction=0.17, model={"roi_batch_size_per_image": 32, "rpn_post_nms_top_n_train": 200},
         train={"eval_batch_size": 2})
     cache = root / "driver-cache"
     log = root / "sweep.log"

@@ -98,41 +98,47 @@ def test_empty_space_is_refused():
 def test_searcher_state_survives_a_pickle_and_exports_to_optuna_db(tmp_path):
     """What resume relies on: Tune pickles the searcher into the experiment; a restored one continues the
     same study, and `write_optuna_db` exports it with each trial's Tune id."""
-    from ray.tune.search.optuna import OptunaSearch
+    from search.optuna_search import PruningAwareOptunaSearch
 
     config = SweepConfig().validate(check_data=False)
     assert build_search_space(config=config).detectors == (DetectorChoice("faster_rcnn", "mobilenet_v2"),)
     limiter = build_searcher(config, study_name="s")
     first = limiter.suggest("t1")
-    assert set(first) == set(PARAM_KEYS)
-    limiter.on_trial_result("t1", {"score_mean": 0.25, "training_iteration": 1})
+    # The default space samples no score threshold: each trial's is chosen on its out-of-fold predictions.
+    assert set(first) == set(PARAM_KEYS) - {"score_threshold"}
+    limiter.on_trial_result("t1", {"cv_score": 0.25, "training_iteration": 1, "finished": 0})
     assert limiter.suggest("t2") is None  # max_concurrent_trials = 1 (the default)
-    limiter.on_trial_complete("t1", {"score_mean": 0.5, "training_iteration": 2})
-    assert set(limiter.suggest("t2")) == set(PARAM_KEYS)
+    limiter.on_trial_complete("t1", {"cv_score": 0.5, "training_iteration": 2, "finished": 1})
+    assert set(limiter.suggest("t2")) == set(PARAM_KEYS) - {"score_threshold"}
     (tmp_path / TUNE_DIR).mkdir()
     limiter.searcher.save_to_dir(str(tmp_path / TUNE_DIR), session_str="a")  # what Tune does each snapshot
 
-    restored = OptunaSearch()
+    restored = PruningAwareOptunaSearch()
     restored.restore_from_dir(str(tmp_path / TUNE_DIR))
-    restored.on_trial_complete("t2", {"score_mean": 0.75, "training_iteration": 2})
-    assert set(restored.suggest("t3")) == set(PARAM_KEYS)
+    # t2 stopped by a scheduler after epoch 1 of 2: its last result lacks the trial's own `finished: 1`.
+    restored.on_trial_result("t2", {"cv_score": 0.75, "training_iteration": 1, "finished": 0})
+    restored.on_trial_complete("t2", {"cv_score": 0.75, "training_iteration": 1, "finished": 0})
+    assert set(restored.suggest("t3")) == set(PARAM_KEYS) - {"score_threshold"}
     restored.save_to_dir(str(tmp_path / TUNE_DIR), session_str="b")  # the newer session wins
 
-    C, F = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+    C, F, P = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED
     path = write_optuna_db(tmp_path)
     assert path == tmp_path / OPTUNA_DB and path.is_file()
     study = optuna.load_study(study_name="s", storage=optuna_storage_url(tmp_path))
-    # t3 never reported back (say, a killed driver that was not resumed): written as failed.
-    assert [t.state for t in study.trials] == [C, C, F]
-    assert [t.value for t in study.trials[:2]] == [0.5, 0.75]
+    # t2 was pruned (a value from outside, not its own end); t3 never reported back (say, a killed driver
+    # that was not resumed): written as failed.
+    assert [t.state for t in study.trials] == [C, P, F]
+    # Optuna keeps a pruned trial's last intermediate value as its value.
+    assert study.trials[0].value == 0.5 and study.trials[1].value == 0.75
+    assert study.trials[1].intermediate_values == {1: 0.75}
     assert [t.user_attrs["tune_trial_id"] for t in study.trials] == ["t1", "t2", "t3"]
     assert study.trials[0].intermediate_values == {1: 0.25}
-    assert study.trials[0].params["lr"] == first["lr"] and study.metric_names == ["score_mean"]
+    assert study.trials[0].params["lr"] == first["lr"] and study.metric_names == ["cv_score"]
 
     # While the sweep runs (sweep_over=False) a trial in flight stays RUNNING; exporting again rewrites the file.
     write_optuna_db(tmp_path, sweep_over=False)
     study = optuna.load_study(study_name="s", storage=optuna_storage_url(tmp_path))
-    assert [t.state for t in study.trials] == [C, C, optuna.trial.TrialState.RUNNING]
+    assert [t.state for t in study.trials] == [C, P, optuna.trial.TrialState.RUNNING]
 
 
 def test_export_without_searcher_state_names_the_folder(tmp_path):

@@ -7,11 +7,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from detection.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from detection.data.splits import Split
+from detection.metrics import Matches
+from detection.predictions import SavedPredictions
 from search.config import ResourcesConfig
 from trainables.fold_worker import FoldWorker, pick_device, state_from_bytes, state_to_bytes
 from trainables.trial import (
@@ -19,6 +22,7 @@ from trainables.trial import (
     BestModel,
     TrialSetup,
     aggregate_fold_metrics,
+    pooled_oof_threshold,
     apply_trial_params,
     rank_best,
     read_best,
@@ -28,7 +32,7 @@ from trainables.trial import (
 )
 
 # Fold 0 validates on tiles 0-1 and trains on 2-3; fold 1 the other way round (the rest is unused).
-TINY_SPLIT = Split(holdout=(4,), folds=((0, 1), (2, 3)), seed=0)
+TINY_SPLIT = Split(selection=(4,), test=(), folds=((0, 1), (2, 3)), seed=0)
 
 
 def tiny_config(data_path: Path, **train: object) -> ExperimentConfig:
@@ -186,15 +190,22 @@ def test_checkpoint_layout_round_trip(tmp_path: Path) -> None:
     states = [state_to_bytes({"model": {"w": torch.full((2,), float(k))}, "epoch": 3}) for k in range(3)]
     ranked = rank_best({0: _best(0, 0.4, epoch=2), 1: _best(1, 0.6, epoch=3), 2: _best(2, 0.5, epoch=1)}, 2)
     trial = {"arch": "faster_rcnn", "num_folds": 3, "epoch": 3}
-    write_trial_checkpoint(tmp_path, fold_states=states, best=ranked, trial=trial, manifest={"format": 1})
+    # Out-of-fold predictions of every fold's best epoch (all folds, also the one not among the ranked models).
+    oof = {k: SavedPredictions([10 + k], [{"boxes": torch.tensor([[1.0, 2.0, 5.0, 9.0]]), "scores": torch.tensor([0.5]),
+                                           "labels": torch.tensor([1])}],
+                               Matches(np.array([0.5]), np.array([k == 1]), np.array([True]), 1)).to_bytes()
+           for k in range(3)}
+    write_trial_checkpoint(tmp_path, fold_states=states, best=ranked, trial=trial, manifest={"format": 1},
+                           predictions=oof)
 
     assert sorted(p.name for p in (tmp_path / "folds").iterdir()) == ["fold-0.pt", "fold-1.pt", "fold-2.pt"]
     assert torch.load(tmp_path / "folds" / "fold-2.pt", weights_only=True)["model"]["w"].tolist() == [2.0, 2.0]
-    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.json", "rank-1.pt", "rank-2.pt"]
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [
+        "best.json", "oof-fold-0.pt", "oof-fold-1.pt", "oof-fold-2.pt", "rank-1.pt", "rank-2.pt"]
     entries = json.loads((tmp_path / "best" / "best.json").read_text())
-    assert [(e["rank"], e["fold"], e["epoch"], e["score"], e["file"]) for e in entries] == [
-        (1, 1, 3, 0.6, "rank-1.pt"), (2, 2, 1, 0.5, "rank-2.pt")]
-    assert set(entries[0]) == {"rank", "fold", "epoch", "score", "map_50", "f1", "map", "file"}
+    assert [(e["rank"], e["fold"], e["epoch"], e["score"], e["file"], e["predictions"]) for e in entries] == [
+        (1, 1, 3, 0.6, "rank-1.pt", "oof-fold-1.pt"), (2, 2, 1, 0.5, "rank-2.pt", "oof-fold-2.pt")]
+    assert set(entries[0]) == {"rank", "fold", "epoch", "score", "map_50", "f1", "map", "file", "predictions"}
     assert torch.load(tmp_path / "best" / "rank-1.pt", weights_only=True)["w"].tolist() == [[1.0] * 3] * 2
     assert json.loads((tmp_path / "manifest.json").read_text()) == {"format": 1}
     assert [Path(e["path"]).name for e in read_best(tmp_path)] == ["rank-1.pt", "rank-2.pt"]
@@ -202,6 +213,11 @@ def test_checkpoint_layout_round_trip(tmp_path: Path) -> None:
     back = read_trial_checkpoint(tmp_path)
     assert back.fold_states == states and back.trial == trial
     assert back.best == ranked  # frozen dataclasses, model bytes included
+    assert back.predictions == oof
+    saved = SavedPredictions.from_bytes(back.predictions[2])  # weights_only=True inside
+    assert saved.image_ids == [12] and saved.preds[0]["boxes"].tolist() == [[1.0, 2.0, 5.0, 9.0]]
+    # Pooled over the folds: one TP (fold 1) and two FP at score 0.5 of 3 gt -> P 1/3, R 1/3, F1 1/3 at 0.5.
+    assert pooled_oof_threshold(back.predictions) == pytest.approx((0.5, 1 / 3))
 
 
 def test_checkpoint_without_best_models(tmp_path: Path) -> None:
@@ -237,8 +253,11 @@ def test_fold_worker_trains_saves_and_resumes(deepforest_root: Path) -> None:
 
     state = state_from_bytes(worker.state_bytes())  # weights_only=True inside
     assert state["epoch"] == 1 and set(state["model"]) == set(worker.trainer.model.state_dict())
-    model = state_from_bytes(worker.model_state_bytes(if_improved=True))
+    best = worker.best_outputs()
+    model = state_from_bytes(best["model"])
     assert all(torch.equal(model[k], v.cpu()) for k, v in worker.trainer.model.state_dict().items())
+    oof = SavedPredictions.from_bytes(best["predictions"])  # the fold's validation images, in order
+    assert oof.image_ids == list(TINY_SPLIT.val_ids(1)) and len(oof.preds) == len(oof.image_ids)
 
     saved = worker.state_bytes()
     continued = worker.train_epoch()  # from the RNG state that `saved` holds
@@ -258,6 +277,6 @@ def test_fold_worker_reads_the_split_file_and_checks_it(deepforest_root: Path, t
 
     from detection.data.coco import DatasetError
 
-    far = Split(holdout=(), folds=((0,), (10_000,)), seed=0)  # an id the dataset does not have
+    far = Split(selection=(), test=(), folds=((0,), (10_000,)), seed=0)  # an id the dataset does not have
     with pytest.raises(DatasetError, match="10000"):
         FoldWorker(tiny_config(deepforest_root), far, 0, num_threads=1)

@@ -65,7 +65,7 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
     local_ray: None, deepforest_root: Path, tmp_path: Path
 ) -> None:
     # Fold 0 trains on 4 tiles one at a time: 4 iterations, enough for 3 non-finite losses in a row.
-    split = Split(holdout=(), folds=((0,), (1, 2, 3, 4)), seed=0)
+    split = Split(selection=(), test=(), folds=((0,), (1, 2, 3, 4)), seed=0)
     setup = make_setup(deepforest_root, split, tmp_path, epochs=1, batch_size=1)
     results = fit(setup, tmp_path, {"lr": tune.grid_search([1e6, 0.01])})
 
@@ -104,8 +104,8 @@ def test_failure_reason_sees_through_rays_wrapping(local_ray: None, error: BaseE
 def test_fold_worker_under_ray_takes_its_share_and_a_bad_one_fails_at_init(
     local_ray: None, deepforest_root: Path, tmp_path: Path
 ) -> None:
-    setup = make_setup(deepforest_root, Split(holdout=(), folds=((0,), (1,)), seed=0), tmp_path, epochs=1)
-    good = Split(holdout=(), folds=((0,), (1,)), seed=0)
+    setup = make_setup(deepforest_root, Split(selection=(), test=(), folds=((0,), (1,)), seed=0), tmp_path, epochs=1)
+    good = Split(selection=(), test=(), folds=((0,), (1,)), seed=0)
     worker = ray.remote(FoldWorker).options(num_cpus=1, num_gpus=0).remote(setup.base, good, 1)
     info = ray.get(worker.info.remote())
     # torch threads = the actor's CPUs; no GPU reserved -> CPU, whatever CUDA the node has
@@ -117,7 +117,7 @@ def test_fold_worker_under_ray_takes_its_share_and_a_bad_one_fails_at_init(
 
     # A worker that cannot start dies with actor_init_failed: the coordinator fails the trial on it
     # instead of recreating the worker again and again.
-    bad = Split(holdout=(), folds=((0,), (99_999,)), seed=0)  # an image id the dataset does not have
+    bad = Split(selection=(), test=(), folds=((0,), (99_999,)), seed=0)  # an image id the dataset does not have
     worker = ray.remote(FoldWorker).options(num_cpus=0.5).remote(setup.base, bad, 0)
     with pytest.raises(ray.exceptions.ActorDiedError) as error:
         ray.get(worker.info.remote())
@@ -140,7 +140,7 @@ class KillCoordinator(tune.Callback):
 def test_trial_resumes_from_its_checkpoint_after_its_coordinator_dies(
     local_ray: None, deepforest_root: Path, tmp_path: Path
 ) -> None:
-    split = Split(holdout=(), folds=((0, 1), (2, 3)), seed=0)
+    split = Split(selection=(), test=(), folds=((0, 1), (2, 3)), seed=0)
     setup = make_setup(deepforest_root, split, tmp_path, epochs=3, batch_size=2, patience=1)
     killer = KillCoordinator()
     results = fit(setup, tmp_path, {"lr": 0.01}, max_failures=1, callbacks=[killer])

@@ -107,7 +107,7 @@ class FoldWorker:
             torch.set_num_threads(num_threads)
         if not isinstance(split, Split):
             split = Split.from_json(Path(split))
-        index = load_dataset(config.data.path, filter_empty=config.data.filter_empty)
+        index = load_dataset(config.data.path, filter_empty=False)
         split.check_index(index)
         self.fold = int(fold)
         self.split_hash = split.hash
@@ -167,12 +167,14 @@ class FoldWorker:
         """The fold's full resume state (model, optimizer, scaler, scheduler, epoch, RNG, early stopping)."""
         return state_to_bytes(self.trainer.state_dict())
 
-    def model_state_bytes(self, *, if_improved: bool = False) -> bytes | None:
-        """The model's state_dict only (CPU tensors); None when `if_improved` and the last `evaluate()`
-        did not give this fold's best score (so an unchanged best model is not shipped again)."""
-        if if_improved and not self.trainer.improved:
+    def best_outputs(self) -> dict[str, bytes] | None:
+        """When the last `evaluate()` gave this fold's best score: the model's state_dict (CPU tensors) and
+        its out-of-fold validation predictions (`detection.predictions.SavedPredictions` bytes) as
+        `{"model", "predictions"}`; else None (an unchanged best model is not shipped again)."""
+        if not self.trainer.improved or self.trainer.best_predictions is None:
             return None
-        return state_to_bytes(self.trainer.model_state_dict())
+        return {"model": state_to_bytes(self.trainer.model_state_dict()),
+                "predictions": self.trainer.best_predictions.to_bytes()}
 
     def should_stop(self) -> bool:
         """Early stopping: the fold's score has not improved for `train.patience` evaluations."""

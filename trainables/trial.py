@@ -4,20 +4,24 @@ A trial runs inside the placement group that `trial_resources` describes: bundle
 small coordinator (this function), bundles 1..K hold one `FoldWorker` actor each, named
 `<trial_id>/fold-<k>` so that the Ray dashboard shows them. Each epoch the coordinator
 
-1. submits `train_epoch`, `evaluate`, `state_bytes` and `model_state_bytes(if_improved=True)` to every
-   fold (actor tasks run in order, so a fold evaluates right after it trains, and folds run in parallel),
+1. submits `train_epoch`, `evaluate`, `state_bytes` and `best_outputs` to every fold (actor tasks run in
+   order, so a fold evaluates right after it trains, and folds run in parallel),
 2. gathers the results (`ray.wait`, so a lost fold is replaced as soon as its loss shows),
 3. reports once: `<m>_mean`, `<m>_std` and `fold<k>/<m>` for m in `METRICS`, `epoch` (1-based, equal
-   to Tune's `training_iteration`), `best_score`, plus where and when every fold ran, with one
-   checkpoint (see `write_trial_checkpoint`).
+   to Tune's `training_iteration`), `cv_score` (the fold mean of each fold's best epoch score: the score
+   of the models the trial keeps, what the search is told), `oof_threshold`/`oof_f1` (the F1-optimal
+   score threshold on the pooled out-of-fold predictions of those best epochs), `finished` (1 on the
+   trial's own last report), plus where and when every fold ran, with one checkpoint (see
+   `write_trial_checkpoint`).
 
 Fault tolerance: a fold whose actor or node is lost is recreated in the same bundle (Ray reschedules
 a dead node's bundles onto other nodes) from the fold's last state, which the coordinator keeps in
 memory (and every checkpoint holds on disk), and its epoch is run again; at most `MAX_FOLD_RESTARTS`
 times per fold. An exception inside a fold (a non-finite loss, CUDA out of memory, bad data) ends the
-trial with `TrialFailed` naming the fold and the reason; Tune records the trial as errored and the
-sweep goes on (`FailureConfig` decides about retries from the latest checkpoint). A coordinator that
-dies is Tune's to restart: `train_trial` resumes from `tune.get_checkpoint()`.
+trial with `TrialFailed` naming the fold and the reason. The driver's `search.failures.FailurePolicy`
+acts on it: bad data (`DATA_ERROR`) stops the whole sweep, a deterministic cause is never run again from
+the same state, the rest (`TrialFailed.retryable`) `FailureConfig` may retry from the latest checkpoint.
+A coordinator that dies is Tune's to restart: `train_trial` resumes from `tune.get_checkpoint()`.
 
 Early stopping: the trial stops when every fold's own early stopping (`FoldTrainer.should_stop`: its
 validation score has not improved for `train.patience` epochs) has fired. Folds keep training in
@@ -45,18 +49,23 @@ from ray import tune
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from detection.config import ExperimentConfig
+from detection.data.coco import DatasetError
 from detection.data.splits import Split
 from detection.engine import NonFiniteLossError
+from detection.metrics import Matches
 from detection.models.weights import resolve_start
+from detection.predictions import SavedPredictions
 from trainables.fold_worker import FoldWorker
 from trainables.manifest import MANIFEST_FILE, build_trial_manifest
 
 __all__ = [
     "BEST_DIR",
     "BEST_JSON",
+    "DATA_ERROR",
     "FOLDS_DIR",
     "MAX_FOLD_RESTARTS",
     "METRICS",
+    "RETRYABLE_REASONS",
     "TRIAL_JSON",
     "TRIAL_PARAMS",
     "BestModel",
@@ -67,6 +76,8 @@ __all__ = [
     "aggregate_fold_metrics",
     "apply_trial_params",
     "failure_reason",
+    "oof_file",
+    "pooled_oof_threshold",
     "rank_best",
     "read_best",
     "read_trial_checkpoint",
@@ -91,13 +102,26 @@ FOLDS_DIR, BEST_DIR, BEST_JSON, TRIAL_JSON = "folds", "best", "best.json", "tria
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
 
 
+# A DatasetError in a fold worker (a file changed after the driver's check, storage gone): the sweep stops.
+DATA_ERROR = "bad data"
+# Causes that a retry from the latest checkpoint may get past (a lost process or node, memory another trial
+# took); every other reason is deterministic and Tune must not run the trial again from the same state.
+RETRYABLE_REASONS = ("worker lost", "bundle not rescheduled", "host out of memory")
+
+
 class TrialFailed(RuntimeError):
     """A fold of the trial failed for a reason that retrying the epoch will not fix.
 
     Attributes:
         fold: the fold k, or None when the failure is not one fold's.
-        reason: short cause, e.g. "non-finite loss", "CUDA out of memory".
+        reason: short cause, e.g. "non-finite loss", "CUDA out of memory", `DATA_ERROR`.
+        retryable: whether Tune may retry the trial from its latest checkpoint (`RETRYABLE_REASONS`);
+            search/failures.py acts on it.
     """
+
+    @property
+    def retryable(self) -> bool:
+        return self.reason.startswith(RETRYABLE_REASONS)
 
     def __init__(self, message: str, *, fold: int | None = None, reason: str = "") -> None:
         super().__init__(message)
@@ -134,6 +158,7 @@ class TrialSetup:
         split_path: where the experiment keeps `split.json` (a path or URI), recorded in manifests.
         resources: CPUs/GPUs per fold and for the coordinator (must match `trial_resources`).
         keep_best: how many fold models a checkpoint keeps (best epoch of each fold, then the top folds).
+        data_summary: the driver's load summary (`detection.data.verify.summarize`), recorded in manifests.
     """
 
     base: ExperimentConfig
@@ -141,6 +166,7 @@ class TrialSetup:
     split_path: str
     resources: FoldResources
     keep_best: int = 3
+    data_summary: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.keep_best < 1:
@@ -239,7 +265,20 @@ class BestModel:
 
     def to_json(self, rank: int, file: str) -> dict[str, Any]:
         return {"rank": rank, "fold": self.fold, "epoch": self.epoch, "score": self.score,
-                "map_50": self.map_50, "f1": self.f1, "map": self.map, "file": file}
+                "map_50": self.map_50, "f1": self.f1, "map": self.map, "file": file,
+                "predictions": oof_file(self.fold)}
+
+
+def oof_file(fold: int) -> str:
+    """The file (in best/) of fold k's out-of-fold validation predictions at its best epoch."""
+    return f"oof-fold-{fold}.pt"
+
+
+def pooled_oof_threshold(predictions: Mapping[int, bytes]) -> tuple[float, float]:
+    """`(threshold, f1)`: the F1-optimal score threshold over every fold's out-of-fold predictions pooled
+    (each image predicted by the one model that did not train on it); `(0.5, 0.0)` without any."""
+    matches = Matches.concat([SavedPredictions.from_bytes(data).matches for _, data in sorted(predictions.items())])
+    return matches.best_f1()
 
 
 def rank_best(best: Mapping[int, BestModel], keep: int) -> list[BestModel]:
@@ -259,6 +298,7 @@ class TrialCheckpoint:
     fold_states: list[bytes]  # fold k's FoldTrainer.state_dict(), torch.save bytes
     best: list[BestModel]  # ranked, best first
     trial: dict[str, Any]  # trial.json
+    predictions: dict[int, bytes] = field(default_factory=dict)  # fold -> SavedPredictions bytes (best epoch)
 
 
 def write_trial_checkpoint(
@@ -268,13 +308,15 @@ def write_trial_checkpoint(
     best: Sequence[BestModel],
     trial: Mapping[str, Any],
     manifest: Mapping[str, Any] | None = None,
+    predictions: Mapping[int, bytes] | None = None,
 ) -> Path:
     """Write one checkpoint of a trial into `directory`:
 
         folds/fold-<k>.pt   fold k's full resume state (torch.load(..., weights_only=True) reads it)
         best/rank-<r>.pt    the r-th best fold model's state_dict, r = 1..len(best)
-        best/best.json      [{rank, fold, epoch, score, map_50, f1, map, file}] best first; file is
-                            relative to best/
+        best/oof-fold-<k>.pt  fold k's validation predictions at its best epoch (`SavedPredictions`), every fold
+        best/best.json      [{rank, fold, epoch, score, map_50, f1, map, file, predictions}] best first; files
+                            are relative to best/
         trial.json          arch, backbone, params, num_classes, class_names, category_ids, image_size,
                             score_threshold, epoch, ...
         manifest.json       `trainables.manifest.build_trial_manifest` (when given)
@@ -289,6 +331,8 @@ def write_trial_checkpoint(
         file = f"rank-{rank}.pt"
         (directory / BEST_DIR / file).write_bytes(model.model)
         entries.append(model.to_json(rank, file))
+    for k, data in sorted((predictions or {}).items()):
+        (directory / BEST_DIR / oof_file(k)).write_bytes(data)
     (directory / BEST_DIR / BEST_JSON).write_text(json.dumps(entries, indent=1))
     (directory / TRIAL_JSON).write_text(json.dumps(dict(trial), indent=1))
     if manifest is not None:
@@ -322,7 +366,9 @@ def read_trial_checkpoint(directory: str | Path) -> TrialCheckpoint:
                   model=Path(e["path"]).read_bytes())
         for e in read_best(directory)
     ]
-    return TrialCheckpoint(fold_states=states, best=best, trial=trial)
+    predictions = {k: (directory / BEST_DIR / oof_file(k)).read_bytes() for k in range(num_folds)
+                   if (directory / BEST_DIR / oof_file(k)).is_file()}
+    return TrialCheckpoint(fold_states=states, best=best, trial=trial, predictions=predictions)
 
 
 # -------------------------------------------------------------------------------------- the trial
@@ -330,9 +376,11 @@ def read_trial_checkpoint(directory: str | Path) -> TrialCheckpoint:
 
 def failure_reason(error: BaseException) -> str:
     """Short reason of a fold's failure as `ray.get` raised it (Ray wraps the worker's exception in a
-    RayTaskError that also is an instance of the original type): "non-finite loss", "CUDA out of memory",
-    "host out of memory ...", else the original exception's type name."""
+    RayTaskError that also is an instance of the original type): `DATA_ERROR`, "non-finite loss", "CUDA out
+    of memory", "host out of memory ...", else the original exception's type name."""
     cause = getattr(error, "cause", None) or error
+    if isinstance(cause, DatasetError) or isinstance(error, DatasetError):
+        return DATA_ERROR
     if isinstance(cause, NonFiniteLossError) or isinstance(error, NonFiniteLossError):
         return "non-finite loss"
     if isinstance(cause, torch.OutOfMemoryError) or isinstance(error, torch.OutOfMemoryError):
@@ -372,14 +420,17 @@ class _Trial:
         self.workers: list[Any] = [None] * self.num_folds
         self.states: list[bytes | None] = [None] * self.num_folds
         self.best: dict[int, BestModel] = {}
+        self.predictions: dict[int, bytes] = {}  # fold -> out-of-fold predictions of its best epoch
         self.restarts = [0] * self.num_folds
         self.fold_info: list[dict[str, Any] | None] = [None] * self.num_folds  # FoldWorker.info()
         self.epoch = 0  # epochs completed by every fold
         self.resumed_epoch = 0  # the epoch of the checkpoint this run started from (0: a fresh trial)
         self.stopped = False  # every fold's early stopping has fired
+        self.oof_threshold = 0.5  # F1-optimal on the pooled out-of-fold predictions (updated every epoch)
         self.manifest = build_trial_manifest(
             dataset_path=self.config.data.path, split_path=setup.split_path, split=self.split,
             seeds={"seed": self.config.seed, "split": self.split.seed}, config=self.config,
+            data_summary=setup.data_summary,
         )
 
     # -- workers ---------------------------------------------------------------------------------
@@ -414,6 +465,7 @@ class _Trial:
                                  f"{self.setup.split_path} has {self.num_folds}; expected the same experiment.")
             self.states = list(restored.fold_states)
             self.best = {b.fold: b for b in restored.best}
+            self.predictions = dict(restored.predictions)
             self.epoch = self.resumed_epoch = int(restored.trial["epoch"])
             self.stopped = bool(restored.trial.get("stopped", False))
             logger.info("trial %s: resuming after epoch %d from its checkpoint", self.trial_id, self.epoch)
@@ -432,8 +484,9 @@ class _Trial:
         if getattr(error, "actor_init_failed", False):
             # The message ends with the traceback of FoldWorker.__init__; its last line names the exception.
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            raise TrialFailed(f"fold {k}: its worker failed to start: {lines[-1] if lines else error!r}",
-                              fold=k, reason="worker start failed") from error
+            last = lines[-1] if lines else repr(error)
+            raise TrialFailed(f"fold {k}: its worker failed to start: {last}", fold=k,
+                              reason=DATA_ERROR if "DatasetError" in last else "worker start failed") from error
         self.restarts[k] += 1
         if self.restarts[k] > MAX_FOLD_RESTARTS:
             raise TrialFailed(f"fold {k}: its worker was lost {self.restarts[k]} times (more than "
@@ -451,9 +504,9 @@ class _Trial:
 
     def _submit(self, k: int) -> dict[str, Any]:
         w = self.workers[k]
-        # Actor tasks run in submission order: "model" is the last to finish.
+        # Actor tasks run in submission order: "best" is the last to finish.
         return {"train": w.train_epoch.remote(), "eval": w.evaluate.remote(), "state": w.state_bytes.remote(),
-                "model": w.model_state_bytes.remote(if_improved=True)}
+                "best": w.best_outputs.remote()}
 
     def _gather(self, k: int, refs: dict[str, Any]) -> dict[str, Any]:
         # In submission order, so that the first failing step is the one reported.
@@ -475,7 +528,7 @@ class _Trial:
         refs = {k: self._submit(k) for k in range(self.num_folds)}
         results: dict[int, dict[str, Any]] = {}
         while len(results) < self.num_folds:
-            waiting = {refs[k]["model"]: k for k in range(self.num_folds) if k not in results}
+            waiting = {refs[k]["best"]: k for k in range(self.num_folds) if k not in results}
             done, _ = ray.wait(list(waiting), num_returns=1)
             k = waiting[done[0]]
             try:
@@ -493,12 +546,13 @@ class _Trial:
         for k, r in enumerate(results):
             train, evaluation = r["train"], r["eval"]
             self.states[k] = r["state"]
-            if r["model"] is not None:
+            if r["best"] is not None:
                 self.best[k] = BestModel(
                     fold=k, epoch=int(evaluation["epoch"]), score=float(evaluation["score"]),
                     map_50=float(evaluation["map_50"]), f1=float(evaluation["f1"]), map=float(evaluation["map"]),
-                    model=r["model"],
+                    model=r["best"]["model"],
                 )
+                self.predictions[k] = r["best"]["predictions"]
             per_fold.append({**{m: evaluation[m] for m in METRICS if m != "loss"}, "loss": train["loss"]})
             extras.update({
                 f"fold{k}/node_id": train["node_id"],
@@ -517,10 +571,15 @@ class _Trial:
                 raise TrialFailed(f"fold {k}: its trainer finished epoch {train['epoch']}, but the trial is at "
                                   f"epoch {self.epoch}; the fold states are out of step", fold=k, reason="out of step")
         self.stopped = all(bool(r["eval"]["should_stop"]) for r in results)
+        self.oof_threshold, oof_f1 = pooled_oof_threshold(self.predictions)
         return {
             **aggregate_fold_metrics(per_fold),
             **extras,
             "epoch": self.epoch,
+            "cv_score": float(np.mean([float(r["eval"]["best_score"]) for r in results])),
+            "oof_threshold": self.oof_threshold,
+            "oof_f1": oof_f1,
+            "finished": int(self.stopped or self.epoch >= self.config.train.epochs),
             "best_score": max(float(r["eval"]["best_score"]) for r in results),
             "folds_stopped": sum(int(r["eval"]["should_stop"]) for r in results),
             "fold_restarts": sum(self.restarts),
@@ -542,7 +601,9 @@ class _Trial:
             "class_names": info.get("class_names"),
             "category_ids": info.get("category_ids"),
             "image_size": self.config.train.image_size,
-            "score_threshold": self.config.train.score_threshold,
+            # The sampled threshold, else the F1-optimal one on the pooled out-of-fold predictions.
+            "score_threshold": self.config.train.score_threshold if self.config.train.score_threshold is not None
+            else self.oof_threshold,
             "epoch": self.epoch,
             "stopped": self.stopped,
             "num_folds": self.num_folds,
@@ -555,7 +616,7 @@ class _Trial:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"{self.trial_id}-checkpoint-") as directory:
             write_trial_checkpoint(directory, fold_states=self.states, best=ranked, trial=self.trial_json(),
-                                   manifest=self.manifest)
+                                   manifest=self.manifest, predictions=self.predictions)
             metrics["checkpoint_write_s"] = time.perf_counter() - started
             # Tune copies the folder to the experiment's storage before report returns.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))

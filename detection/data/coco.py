@@ -448,6 +448,8 @@ class CocoDetection(VisionDataset):
             (see `detection.data.transforms`). It may be replaced between epochs (progressive
             resizing). The dataset passes box indices as the labels so that labels and iscrowd both
             follow the boxes a transform keeps.
+        drop_crowd: leave crowd boxes (iscrowd=1) out of the targets: training ignores them, as the
+            metrics do (a detector would otherwise learn them as ordinary objects).
     """
 
     def __init__(
@@ -455,9 +457,12 @@ class CocoDetection(VisionDataset):
         index: CocoIndex,
         image_ids: Iterable[int] | None = None,
         transforms: TransformFn | None = None,
+        *,
+        drop_crowd: bool = False,
     ) -> None:
         super().__init__(root=index.root, transforms=transforms)
         self.index = index
+        self.drop_crowd = drop_crowd
         self.ids: tuple[int, ...] = (
             tuple(range(len(index))) if image_ids is None else tuple(int(i) for i in image_ids)
         )
@@ -475,6 +480,9 @@ class CocoDetection(VisionDataset):
         record = self.record(i)
         image = read_image(record)  # [H, W, 3] uint8
         boxes, labels, iscrowd = record.boxes, record.labels, record.iscrowd
+        if self.drop_crowd and iscrowd.any():
+            keep = iscrowd == 0
+            boxes, labels, iscrowd = boxes[keep], labels[keep], iscrowd[keep]
         if self.transforms is not None:
             image, boxes, kept = self.transforms(image, boxes, np.arange(len(boxes), dtype=np.int64))
             kept = np.asarray(kept, dtype=np.int64).reshape(-1)

@@ -1,8 +1,17 @@
-"""Seeded K-fold splits over image ids, stratified by class presence, plus a held-out test split.
+"""Seeded K-fold splits over image ids, stratified by class presence, plus two held-out parts.
 
-The held-out split is the Roboflow ``test/`` folder when the dataset has one, else a seeded,
-stratified share ``holdout_fraction`` of the images. The rest (the pool) is cut into K disjoint
-validation folds with sklearn's `StratifiedKFold`; fold k trains on the pool minus fold k.
+The evaluation protocol (DESIGN.md) needs three disjoint sets of images:
+
+- ``folds``: K disjoint validation folds over the pool; fold k trains on the pool minus fold k. Each fold's
+  validation picks its best epoch and gives the trial's CV score (what the search is told).
+- ``selection``: ranks the trials' ensembles, drives greedy cross-trial selection and tunes the winner's
+  score threshold. Never trained on.
+- ``test``: scored once, for the chosen ensemble's final figures. Never used for any choice.
+
+A Roboflow export's ``valid/`` folder is the selection split and ``test/`` the test split; a part without
+its folder is a seeded, stratified share of the images (``selection_fraction``/``test_fraction`` of all).
+Images named in ``exclude`` (bad files with ``data.on_bad_image: skip``) are in no part; the split records
+them with their reason.
 
 Stratification key of an image: the rarest class present in it (rarest = in the fewest images),
 0 for an image without boxes. `StratifiedKFold` spreads each key over the folds as evenly as it can,
@@ -19,7 +28,7 @@ import json
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,32 +39,38 @@ from detection.data.coco import CocoIndex, DatasetError, ImageRecord
 
 logger = logging.getLogger(__name__)
 
-SPLIT_FORMAT_VERSION = 1
+SPLIT_FORMAT_VERSION = 2  # 2: selection + test instead of one holdout
 
 
 @dataclass(frozen=True)
 class Split:
-    """Held-out ids and K disjoint validation folds over the remaining pool (global image ids)."""
+    """Selection ids, test ids and K disjoint validation folds over the pool (global image ids).
 
-    holdout: tuple[int, ...]
+    ``excluded`` lists the images left out of every part: ``(image_id, file, reason)``.
+    """
+
+    selection: tuple[int, ...]
+    test: tuple[int, ...]
     folds: tuple[tuple[int, ...], ...]
     seed: int
+    excluded: tuple[tuple[int, str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "holdout", tuple(int(i) for i in self.holdout))
+        object.__setattr__(self, "selection", tuple(int(i) for i in self.selection))
+        object.__setattr__(self, "test", tuple(int(i) for i in self.test))
         object.__setattr__(self, "folds", tuple(tuple(int(i) for i in fold) for fold in self.folds))
-        seen: set[int] = set(self.holdout)
-        if len(seen) != len(self.holdout):
-            raise ValueError(f"Split holdout ids must be unique, but got {len(self.holdout)} ids with repeats.")
-        for k, fold in enumerate(self.folds):
-            if not fold:
-                raise ValueError(f"Split fold {k} is empty; every fold needs at least one image.")
-            overlap = seen.intersection(fold)
-            if overlap or len(set(fold)) != len(fold):
-                raise ValueError(
-                    f"Split folds and holdout must be disjoint, but fold {k} repeats ids {sorted(overlap)[:10]}."
-                )
-            seen.update(fold)
+        object.__setattr__(self, "excluded", tuple((int(i), str(f), str(r)) for i, f, r in self.excluded))
+        seen: set[int] = set()
+        parts = [("selection", self.selection), ("test", self.test)]
+        parts += [(f"fold {k}", fold) for k, fold in enumerate(self.folds)]
+        parts += [("excluded", tuple(i for i, _, _ in self.excluded))]
+        for name, ids in parts:
+            if name.startswith("fold") and not ids:
+                raise ValueError(f"Split {name} is empty; every fold needs at least one image.")
+            overlap = seen.intersection(ids)
+            if overlap or len(set(ids)) != len(ids):
+                raise ValueError(f"Split parts must be disjoint, but {name} repeats ids {sorted(overlap)[:10]}.")
+            seen.update(ids)
 
     @property
     def num_folds(self) -> int:
@@ -63,8 +78,13 @@ class Split:
 
     @property
     def pool_ids(self) -> tuple[int, ...]:
-        """All non-held-out ids (the union of the folds), sorted."""
+        """All fold ids (the union of the folds), sorted."""
         return tuple(sorted(i for fold in self.folds for i in fold))
+
+    @property
+    def held_out(self) -> tuple[int, ...]:
+        """Selection and test ids together, sorted (never trained on)."""
+        return tuple(sorted((*self.selection, *self.test)))
 
     def _check_fold(self, k: int) -> None:
         if not 0 <= k < len(self.folds):
@@ -82,28 +102,33 @@ class Split:
         return tuple(i for i in self.pool_ids if i not in val)
 
     def _payload(self) -> dict:
-        return {"holdout": list(self.holdout), "folds": [list(f) for f in self.folds], "seed": self.seed}
+        return {"selection": list(self.selection), "test": list(self.test), "folds": [list(f) for f in self.folds],
+                "seed": self.seed,
+                "excluded": [{"image_id": i, "file": f, "reason": r} for i, f, r in self.excluded]}
 
     @property
     def hash(self) -> str:
-        """sha256 hex digest of the canonical JSON of (holdout, folds, seed)."""
+        """sha256 hex digest of the canonical JSON of (selection, test, folds, seed, excluded)."""
         canonical = json.dumps(self._payload(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def check_index(self, index: CocoIndex) -> None:
         """Raise DatasetError when the split names ids that the dataset does not have."""
-        largest = max([*self.holdout, *self.pool_ids], default=-1)
-        if largest >= len(index) or min([*self.holdout, *self.pool_ids], default=0) < 0:
+        ids = [*self.held_out, *self.pool_ids]
+        largest = max(ids, default=-1)
+        if largest >= len(index) or min(ids, default=0) < 0:
             raise DatasetError(
                 f"The split (hash {self.hash[:12]}) names image id {largest}, but the dataset has ids "
                 f"0..{len(index) - 1} (root {index.root}); expected the split made from this dataset."
             )
 
     def to_json(self, path: str | Path) -> Path:
-        """Write ``{"version", "seed", "holdout", "folds", "hash"}`` to path; returns it."""
+        """Write ``{"version", "seed", "selection", "test", "folds", "excluded", "hash"}`` atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"version": SPLIT_FORMAT_VERSION, **self._payload(), "hash": self.hash}, indent=1))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"version": SPLIT_FORMAT_VERSION, **self._payload(), "hash": self.hash}, indent=1))
+        tmp.replace(path)  # readers never see half a file
         return path
 
     @classmethod
@@ -116,12 +141,15 @@ class Split:
             raise DatasetError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}.") from error
         except OSError as error:
             raise DatasetError(f"{path}: cannot read the split file ({error}).") from error
-        missing = [key for key in ("holdout", "folds", "seed", "hash") if not isinstance(data, dict) or key not in data]
+        keys = ("selection", "test", "folds", "seed", "hash")
+        missing = [key for key in keys if not isinstance(data, dict) or key not in data]
         if missing:
-            raise DatasetError(f"{path}: missing key(s) {missing}; expected a file written by Split.to_json.")
+            raise DatasetError(f"{path}: missing key(s) {missing}; expected a file written by Split.to_json "
+                               f"(format version {SPLIT_FORMAT_VERSION}).")
         try:
-            split = cls(holdout=data["holdout"], folds=data["folds"], seed=data["seed"])
-        except (TypeError, ValueError) as error:
+            split = cls(selection=data["selection"], test=data["test"], folds=data["folds"], seed=data["seed"],
+                        excluded=[(e["image_id"], e["file"], e["reason"]) for e in data.get("excluded", [])])
+        except (TypeError, ValueError, KeyError) as error:
             raise DatasetError(f"{path}: invalid split ({error}).") from error
         if split.hash != data["hash"]:
             raise DatasetError(
@@ -142,52 +170,74 @@ def stratification_keys(records: Sequence[ImageRecord]) -> np.ndarray:
     )
 
 
-def make_split(index: CocoIndex, *, num_folds: int, holdout_fraction: float, seed: int) -> Split:
-    """Seeded, stratified split of a dataset into a held-out set and K validation folds.
+def make_split(
+    index: CocoIndex,
+    *,
+    num_folds: int,
+    selection_fraction: float,
+    test_fraction: float,
+    seed: int,
+    exclude: Mapping[int, str] | None = None,
+) -> Split:
+    """Seeded, stratified split of a dataset into selection, test and K validation folds.
 
     Args:
-        index: the dataset; records with ``split == "test"`` (a Roboflow ``test/`` folder) form the
-            held-out set, and then ``holdout_fraction`` is not used.
+        index: the dataset; records with ``split == "valid"`` (a Roboflow ``valid/`` folder) form the
+            selection split and ``split == "test"`` the test split; then the matching fraction is not used.
         num_folds: K >= 2.
-        holdout_fraction: share of the images held out when there is no ``test/`` folder, in
-            ``[0, 1)``; 0 holds nothing out.
+        selection_fraction, test_fraction: shares of all (non-excluded) images held out for the part
+            without a Roboflow folder, each in ``[0, 1)``; 0 leaves that part empty.
         seed: same seed, same dataset -> same split.
+        exclude: image id -> reason: images in no part (recorded in the split).
 
     Raises:
-        ValueError: K < 2, holdout_fraction outside ``[0, 1)``, or fewer pool images than K.
+        ValueError: K < 2, a fraction outside ``[0, 1)``, or fewer pool images than K.
     """
     if isinstance(num_folds, bool) or not isinstance(num_folds, int) or num_folds < 2:
         raise ValueError(f"`num_folds >= 2` must hold, but got ({num_folds=}).")
-    if not 0.0 <= holdout_fraction < 1.0:
-        raise ValueError(f"`0 <= holdout_fraction < 1` must hold, but got ({holdout_fraction=}).")
-    records = index.records()
+    for name, fraction in (("selection_fraction", selection_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"`0 <= {name} < 1` must hold, but got ({name}={fraction}).")
+    exclude = dict(exclude or {})
+    records = [r for r in index.records() if r.image_id not in exclude]
     ids = np.array([r.image_id for r in records], dtype=np.int64)
     keys = stratification_keys(records)
-    is_test = np.array([r.split == "test" for r in records])
-    if is_test.any():
-        if holdout_fraction:
-            logger.info("Holding out the %d images of the test/ folder; holdout_fraction=%s is not used.",
-                        int(is_test.sum()), holdout_fraction)
-        holdout_mask = is_test
-    else:
-        holdout_mask = _stratified_share(keys, holdout_fraction, seed)
-    pool, pool_keys = ids[~holdout_mask], keys[~holdout_mask]
+    free = np.ones(len(records), dtype=bool)  # not yet in selection or test
+    parts: dict[str, np.ndarray] = {}
+    for name, folder, fraction in (("test", "test", test_fraction), ("selection", "valid", selection_fraction)):
+        in_folder = np.array([r.split == folder for r in records], dtype=bool)
+        if in_folder.any():
+            logger.info("The %s split is the %d images of the %s/ folder.", name, int(in_folder.sum()), folder)
+            mask = in_folder
+        else:
+            share = int(round(fraction * len(records)))
+            mask = np.zeros(len(records), dtype=bool)
+            if share:
+                free_at = np.flatnonzero(free)
+                picked = _stratified_share(keys[free_at], share / max(1, len(free_at)), seed + len(parts))
+                mask[free_at[picked]] = True
+        parts[name] = mask
+        free &= ~mask
+    pool, pool_keys = ids[free], keys[free]
     if len(pool) < num_folds:
         raise ValueError(
             f"`num_pool_images >= num_folds` must hold for K-fold, but got (num_pool_images={len(pool)}, "
-            f"{num_folds=}) from {len(ids)} images with {int(holdout_mask.sum())} held out."
+            f"{num_folds=}) from {len(ids)} images with {int(parts['selection'].sum())} in the selection split "
+            f"and {int(parts['test'].sum())} in the test split."
         )
     if Counter(pool_keys.tolist()).most_common(1)[0][1] >= num_folds:
         splitter = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
         with warnings.catch_warnings():
             # "The least populated class has fewer members than n_splits": spread as far as it goes.
             warnings.simplefilter("ignore", UserWarning)
-            parts = list(splitter.split(pool, pool_keys))
+            fold_parts = list(splitter.split(pool, pool_keys))
     else:
         logger.info("No class is in %d pool images or more; using unstratified KFold.", num_folds)
-        parts = list(KFold(n_splits=num_folds, shuffle=True, random_state=seed).split(pool))
-    folds = tuple(tuple(sorted(pool[val].tolist())) for _, val in parts)
-    return Split(holdout=tuple(sorted(ids[holdout_mask].tolist())), folds=folds, seed=seed)
+        fold_parts = list(KFold(n_splits=num_folds, shuffle=True, random_state=seed).split(pool))
+    folds = tuple(tuple(sorted(pool[val].tolist())) for _, val in fold_parts)
+    excluded = tuple((i, str(index.by_id(i).path), reason) for i, reason in sorted(exclude.items()))
+    return Split(selection=tuple(sorted(ids[parts["selection"]].tolist())),
+                 test=tuple(sorted(ids[parts["test"]].tolist())), folds=folds, seed=seed, excluded=excluded)
 
 
 def _stratified_share(keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
