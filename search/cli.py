@@ -8,6 +8,7 @@
     detsweep export-best PATH --out best.yaml
     detsweep train --config X.yaml [--fold K] [--all-data]
     detsweep data deepforest --out DIR
+    detsweep data check PATH [--config X.yaml]
     detsweep ensemble PATH [--trial ID ...] [--address auto]
 
 PATH is an experiment folder or URI (`s3://bucket/prefix/<name>`, see search/storage.py: a URI's files are
@@ -61,6 +62,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     experiment = _open(args.path, exclude=("tune",))  # Tune reads its own state from the URI
     config = load_experiment(experiment.local)
+    _check_images(config, experiment.local)  # data fixed since the sweep stopped? (cached: cheap)
     init_ray(config, address=args.address, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host)
     tuner = restore_tuner(experiment.local, remote=experiment.uri, retry_errored=args.retry_errored)
     return _finish(tuner, experiment, config=config, ensemble=not args.no_ensemble)
@@ -118,13 +120,77 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_config(config, args)
 
 
+def _check_images(config, experiment_dir: Path) -> None:
+    """Check the images of an experiment's split again before Ray starts (`DatasetError` lists the bad ones)."""
+    from detection.data.coco import load_dataset
+    from detection.data.splits import Split
+    from detection.data.verify import bad_images_error, default_cache_path, verify_images
+    from search.tuner import SPLIT_JSON
+
+    index = load_dataset(config.data.path, filter_empty=False)
+    excluded = {image_id for image_id, _, _ in Split.from_json(experiment_dir / SPLIT_JSON).excluded}
+    report = verify_images([r for r in index.images if r.image_id not in excluded], mode=config.data.verify,
+                           cache_path=default_cache_path(index.root, experiment_dir))
+    if report.bad:
+        raise bad_images_error(report, dataset=config.data.path)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
-    """Write a bundled real dataset as a Roboflow-style COCO export."""
+    """Write a bundled real dataset as a Roboflow-style COCO export, or check one (`data check PATH`)."""
     from detection.data.coco import load_dataset
     from detection.data.deepforest import write_deepforest_coco
 
+    if args.dataset == "check":
+        return _cmd_data_check(args)
+    if args.out is None:
+        raise ConfigError("`detsweep data deepforest` needs `--out DIR`, the folder to write.")
     root = write_deepforest_coco(args.out, tile_size=args.tile_size, seed=args.seed)
     _say(f"wrote {root}\n{load_dataset(root).summary()}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    """`detsweep data check PATH [--config X]`: the sweep's data check alone (no Ray): the load summary, every
+    bad file, and `data.num_folds` against the images left for the folds. Exit status 2 on what would stop a
+    sweep (bad files under `data.on_bad_image: error`, too many folds), else 0."""
+    import dataclasses
+
+    from detection.config import DataConfig, read_yaml
+    from detection.data.coco import load_dataset
+    from detection.data.verify import (
+        bad_images_error,
+        check_fold_count,
+        default_cache_path,
+        format_summary,
+        summarize,
+        verify_images,
+    )
+
+    data = DataConfig(path="")
+    if args.config is not None:
+        if "search" in read_yaml(args.config):
+            from search.config import load_sweep_config
+
+            data = load_sweep_config(args.config, check_data=args.path is None).data
+        else:
+            from detection.config import load_experiment_config
+
+            data = load_experiment_config(args.config).data
+    if args.path is not None:
+        data = dataclasses.replace(data, path=str(args.path))
+    if not data.path:
+        raise ConfigError("`detsweep data check` needs PATH (a COCO .json or Roboflow folder) or `--config X.yaml`.")
+    index = load_dataset(data.path, filter_empty=False)
+    report = verify_images(index.images, mode=data.verify, cache_path=default_cache_path(index.root))
+    _say(format_summary(summarize(index, report, path=data.path)))
+    if report.bad and data.on_bad_image == "error":
+        raise bad_images_error(report, dataset=data.path)
+    for bad in report.bad:
+        _say(f"  left out (data.on_bad_image: skip): {bad.describe()}")
+    pool = check_fold_count(index, num_folds=data.num_folds, selection_fraction=data.selection_fraction,
+                            test_fraction=data.test_fraction, exclude=report.excluded,
+                            where=str(args.config or data.path))
+    _say(f"{pool} images for {data.num_folds} folds: a sweep can start.")
     return 0
 
 
@@ -184,17 +250,25 @@ def _finish(tuner, experiment, *, config, ensemble: bool) -> int:
     mirror first and the driver's outputs pushed back at the end."""
     import ray
 
+    from search.failures import take_stop
     from search.tuner import format_status, sweep_status, write_optuna_db
 
     experiment_dir = experiment.local
     try:
+        take_stop()  # nothing stale from an earlier Tuner in this process
         results = tuner.fit()
+        stop = take_stop()  # search.failures.FailurePolicy stopped the sweep (bad data in a fold)
         # The ensemble job reads the trials' best models; without it, results and trial states suffice.
         experiment.pull(exclude=("folds",) if ensemble else ("checkpoint_*",))
         rows = sweep_status(experiment_dir)
         _say("\n" + format_status(rows, num_samples=config.search.num_samples))
         unfinished = [r for r in rows if r.status not in ("TERMINATED", "ERROR")]
         write_optuna_db(experiment_dir, sweep_over=not unfinished)
+        if stop is not None:
+            from detection.data.coco import DatasetError
+
+            raise DatasetError(f"{stop['message']}\nThe sweep stopped (trial {stop['trial_id']}; no retry, no further "
+                               f"trials); fix the data, then continue with `detsweep resume {experiment}`.")
         if unfinished:  # Ctrl-C: Tune saved the state and returned
             _say(f"sweep interrupted with {len(unfinished)} trials unfinished; continue it with "
                  f"`detsweep resume {experiment}`")
@@ -290,9 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("data", help="write a bundled real dataset as COCO (train/ valid/ test/)")
-    p.add_argument("dataset", choices=["deepforest"], help="deepforest: NEON aerial tree crowns (DATA.md)")
-    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p = sub.add_parser("data", help="write a bundled real dataset as COCO (train/ valid/ test/), or check one")
+    p.add_argument("dataset", choices=["deepforest", "check"],
+                   help="deepforest: write NEON aerial tree crowns (DATA.md); check: check PATH as a sweep would")
+    p.add_argument("path", nargs="?", type=Path, default=None,
+                   help="check: the COCO .json or Roboflow folder (default: data.path of --config)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="check: sweep or training YAML whose data.verify, on_bad_image and num_folds apply")
+    p.add_argument("--out", type=Path, default=None, help="deepforest: folder to write")
     p.add_argument("--tile-size", type=int, default=400, help="tile side in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/valid/test assignment")
     p.set_defaults(func=cmd_data)

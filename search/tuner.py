@@ -6,12 +6,14 @@ dataset, makes the split once and writes `sweep.yaml` + `split.json`; only then 
 
     <storage>/<name>/sweep.yaml     resolved config (absolute data.path); `resume` and the ensemble read it
     <storage>/<name>/split.json     `detection.data.splits.Split`, shared by every trial and the ensemble
+    <storage>/<name>/data_summary.json  the load summary: images, boxes kept/clipped/dropped, bad files left out
     <storage>/<name>/optuna.db      the Optuna study (SQLite), exported when the Tuner returns
     <storage>/<name>/tune/          the Ray Tune experiment (`Tuner.restore` reads it)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DATA_SUMMARY_JSON",
     "OPTUNA_DB",
     "SPLIT_JSON",
     "SWEEP_YAML",
@@ -57,6 +60,7 @@ __all__ = [
 
 SWEEP_YAML = "sweep.yaml"
 SPLIT_JSON = "split.json"
+DATA_SUMMARY_JSON = "data_summary.json"  # detection.data.verify.summarize: the load summary, bad files left out
 OPTUNA_DB = "optuna.db"
 TUNE_DIR = "tune"  # RunConfig(storage_path=<experiment>, name=TUNE_DIR)
 
@@ -99,24 +103,36 @@ def new_experiment_dir(config: SweepConfig, *, storage: str | None = None, name:
 def prepare_experiment(config: SweepConfig, *, experiment_dir: Path) -> Path:
     """Index the dataset, make the split once and write `sweep.yaml` and `split.json`. Runs before Ray.
 
-    Returns the path of `split.json`. Raises `detection.data.coco.DatasetError` on a malformed dataset, and
+    Every image is checked first (`detection.data.verify.check_dataset`: `data.verify`, `data.on_bad_image`)
+    and the load summary is logged and saved as `data_summary.json`.
+
+    Returns the path of `split.json`. Raises `detection.data.coco.DatasetError` on a malformed dataset or bad
+    image files (all listed), `ConfigError` when `data.num_folds` exceeds the images left for the folds, and
     `detection.models.weights.WeightsNotFoundError` / `StartError` when a detector's start cannot be had here.
     """
     from detection.data.coco import load_dataset
     from detection.data.splits import make_split
+    from detection.data.verify import check_dataset, check_fold_count, default_cache_path
     from detection.models.weights import check_start_available
 
     for choice in config.detectors:  # weights that cannot be had stop the sweep here, not in every fold worker
         check_start_available(choice.arch, choice.backbone, config.model.start, config.model.weights_path)
-    index = load_dataset(config.data.path, filter_empty=config.data.filter_empty)
-    split = make_split(index, num_folds=config.data.num_folds, holdout_fraction=config.data.holdout_fraction,
-                       seed=config.seed)
+    index = load_dataset(config.data.path, filter_empty=False)
+    # Every image checked once here (cached per file), not by every fold of every trial.
+    data = config.data
+    checked, summary = check_dataset(index, mode=data.verify, on_bad_image=data.on_bad_image, path=data.path,
+                                     cache_path=default_cache_path(index.root, experiment_dir))
+    check_fold_count(index, num_folds=data.num_folds, selection_fraction=data.selection_fraction,
+                     test_fraction=data.test_fraction, exclude=checked.excluded, where=data.path)
+    split = make_split(index, num_folds=config.data.num_folds, selection_fraction=config.data.selection_fraction,
+                       test_fraction=config.data.test_fraction, seed=config.seed, exclude=checked.excluded)
     experiment_dir.mkdir(parents=True, exist_ok=True)
     config.to_yaml(experiment_dir / SWEEP_YAML)
+    (experiment_dir / DATA_SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
     split_path = experiment_dir / SPLIT_JSON
     split.to_json(split_path)
-    logger.info("%s: %d images, %d held out, %d folds (split %s).", config.data.path, len(index),
-                len(split.holdout), split.num_folds, split.hash[:12])
+    logger.info("%s: %d images: %d in %d folds, %d selection, %d test (split %s).", config.data.path, len(index),
+                len(split.pool_ids), split.num_folds, len(split.selection), len(split.test), split.hash[:12])
     return split_path
 
 
@@ -258,9 +274,14 @@ def sweep_trial(config: dict[str, Any], *, setup: Any) -> None:
 
     OptunaSearch puts every suggested value into the config, also the per-detector `lr_<arch>_<backbone>`
     (see search/space.py) whose value the space hands on as `lr`; `train_trial` takes `TRIAL_PARAMS`.
+    A trial that Tune restarts after a deterministic failure fails again at once (search/failures.py).
     """
+    from ray import tune
+
+    from search.failures import refuse_retry
     from trainables.trial import TRIAL_PARAMS, train_trial
 
+    refuse_retry(tune.get_context().get_trial_id())
     train_trial({k: v for k, v in config.items() if k in TRIAL_PARAMS}, setup=setup)
 
 
@@ -275,9 +296,11 @@ def build_trainable(config: SweepConfig, *, experiment_dir: Path, remote: str | 
     from trainables.trial import TrialSetup, trial_resources
 
     local = Path(experiment_dir).resolve()
+    summary = local / DATA_SUMMARY_JSON
     setup = TrialSetup(base=config.base, split=Split.from_json(local / SPLIT_JSON),
                        split_path=join_uri(remote, SPLIT_JSON) if remote else str(local / SPLIT_JSON),
-                       resources=config.resources)
+                       resources=config.resources,
+                       data_summary=json.loads(summary.read_text()) if summary.is_file() else None)
     trainable = tune.with_parameters(sweep_trial, setup=setup)
     return tune.with_resources(trainable, trial_resources(config.data.num_folds, config.resources))
 
@@ -290,6 +313,8 @@ def _trial_dirname(trial: Trial) -> str:
 def build_run_config(config: SweepConfig, *, experiment_dir: Path, remote: str | None = None) -> tune.RunConfig:
     """Tune writes `<experiment>/tune`: into the folder, or straight to the experiment's URI (`remote`)."""
     from ray import tune
+
+    from search.failures import FailurePolicy
 
     reporter = tune.CLIReporter(
         parameter_columns=PARAM_COLUMNS,
@@ -308,7 +333,8 @@ def build_run_config(config: SweepConfig, *, experiment_dir: Path, remote: str |
         failure_config=tune.FailureConfig(max_failures=config.failure.max_failures),
         progress_reporter=reporter,
         verbose=2,
-        callbacks=_logger_callbacks(config),
+        # FailurePolicy: bad data stops the sweep, deterministic failures are not retried (search/failures.py).
+        callbacks=[*_logger_callbacks(config), FailurePolicy()],
     )
 
 

@@ -8,6 +8,7 @@ report, `export-best` and a later reader can tell whether a rerun would see the 
       "format": 1,
       "created": "2026-01-01T00:00:00+00:00",
       "dataset": {"path": ..., "sha256": <over the annotation JSON files>, "files": {<name>: <sha256>}},
+      "data": {...},  # the driver's load summary (images, boxes kept/clipped/dropped, bad files), when given
       "split": {"path": ..., "sha256": <Split.hash>, "file_sha256": <sha256 of split.json's bytes, when read from it>},
       "seeds": {...},
       "packages": {"python": "3.11.2", "torch": "2.14.1", ..., <missing package>: null},
@@ -161,6 +162,7 @@ def build_trial_manifest(
     seeds: Mapping[str, Any],
     config: Any,
     split: Split | None = None,
+    data_summary: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest as a JSON-ready dict (see the module docstring for its fields).
 
@@ -171,6 +173,8 @@ def build_trial_manifest(
         seeds: every seed the trial used, e.g. `{"seed": 0, "folds": [0, 1, 2]}`.
         config: the trial's training config (an `ExperimentConfig` or its `to_dict()`).
         split: the split itself, when the trial has it in memory (`file_sha256` is then left out).
+        data_summary: `detection.data.verify.summarize` of the driver's check (images, boxes kept / clipped /
+            dropped per reason, the bad files the split leaves out), recorded as "data".
 
     Raises:
         DatasetError: when the dataset's annotation files or the split file cannot be read.
@@ -182,7 +186,7 @@ def build_trial_manifest(
                         "file_sha256": file_sha256(split_path)}
     else:
         split_record = {"path": str(split_path), "sha256": split.hash}
-    return {
+    manifest = {
         "format": MANIFEST_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dataset": {"path": str(Path(dataset_path).resolve()), "sha256": dataset_digest, "files": files},
@@ -193,6 +197,9 @@ def build_trial_manifest(
         "platform": {"system": platform.system(), "machine": platform.machine(), "node": platform.node()},
         "config": _plain_config(config),
     }
+    if data_summary is not None:
+        manifest["data"] = json.loads(json.dumps(dict(data_summary), default=str))
+    return manifest
 
 
 def write_trial_manifest(
