@@ -77,6 +77,15 @@ class ModelConfig:
     # the box head dominates a CPU step at small sizes, so CPU configs lower them.
     roi_batch_size_per_image: int = 512
     rpn_post_nms_top_n_train: int = 2000
+    # fcos_tal: PAN neck channels and convs per head tower (None: 256 and 4, as FCOS); a CPU config lowers them.
+    neck_channels: int | None = None
+    head_convs: int | None = None
+
+    @property
+    def architecture_options(self) -> dict[str, int]:
+        """The `build_detector` keywords beyond arch/backbone that change the model's state dict: what a saved
+        model must be rebuilt with (the ensemble job records them per model)."""
+        return {k: getattr(self, k) for k in ("neck_channels", "head_convs") if getattr(self, k) is not None}
 
     def __post_init__(self) -> None:
         if self.pretrained is None:
@@ -108,6 +117,9 @@ class ModelConfig:
                f">= 1, got {self.roi_batch_size_per_image}")
         _check(self.rpn_post_nms_top_n_train >= 1, where, "model.rpn_post_nms_top_n_train",
                f">= 1, got {self.rpn_post_nms_top_n_train}")
+        for key in ("neck_channels", "head_convs"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, where, f"model.{key}", f"null or an integer >= 1, got {value}")
         if self.weights_path is not None:
             _check(Path(self.weights_path).is_file(), where, "model.weights_path",
                    f"an existing file, got {self.weights_path!r}")
@@ -177,13 +189,14 @@ class ExperimentConfig:
         self.train.validate(where)
         return self
 
-    def with_overrides(self, **sections: dict[str, Any]) -> ExperimentConfig:
-        """Copy with e.g. `train={"lr": 1e-3}, model={"arch": "fcos_tal"}` applied (validated keys)."""
+    def with_overrides(self, where: str = "<overrides>", **sections: dict[str, Any]) -> ExperimentConfig:
+        """Copy with e.g. `train={"lr": 1e-3}, model={"arch": "fcos_tal"}` applied (keys and types checked;
+        an error names `where`)."""
         changes: dict[str, Any] = {}
         for name, values in sections.items():
             current = getattr(self, name)
             if is_dataclass(current):
-                changes[name] = from_dict(type(current), {**dataclasses.asdict(current), **values}, where="<overrides>",
+                changes[name] = from_dict(type(current), {**dataclasses.asdict(current), **values}, where=where,
                                           prefix=f"{name}.")
             else:
                 changes[name] = values

@@ -104,6 +104,7 @@ class FoldTrainer:
             roi_batch_size_per_image=model_cfg.roi_batch_size_per_image,
             rpn_post_nms_top_n_train=model_cfg.rpn_post_nms_top_n_train,
             freeze_backbone_epochs=model_cfg.freeze_backbone_epochs,
+            **model_cfg.architecture_options,
         ).to(self.device)
 
         # Crowd boxes are ignored in training as the metrics ignore them (torchvision's references drop them).

@@ -59,11 +59,15 @@ class FloatRange:
 @dataclass(frozen=True)
 class DetectorChoice:
     """One detector the search may pick: `arch` from `detection.models.factory.ARCHS`, `backbone` from
-    `detection.models.backbones.BACKBONES`, and optionally its own learning-rate range."""
+    `detection.models.backbones.BACKBONES`, optionally its own learning-rate range, and `model`/`train` keys
+    that differ from the sweep's base for this detector only (e.g. `train: {optimizer: adamw}` for FCOS-TAL
+    beside SGD for Faster R-CNN, `model: {neck_channels: 96}`)."""
 
     arch: str
     backbone: str
     lr: FloatRange | None = None  # None: `search.space.lr`
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -98,6 +102,9 @@ class SearchConfig:
     scheduler: Literal["none", "asha"] = "none"
     asha: ASHAConfig = field(default_factory=ASHAConfig)
     n_startup_trials: int = 10  # TPE samples at random until this many trials have finished
+    # The first trials take each detector of the space once (their other params sampled), so that even a
+    # short sweep tries every detector; Optuna's enqueue_trial (OptunaSearch points_to_evaluate).
+    each_detector_first: bool = False
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
 
@@ -154,6 +161,17 @@ class SweepConfig:
         """The training config every trial starts from (its sampled params are applied on top)."""
         return ExperimentConfig(data=self.data, model=self.model, train=self.train, seed=self.seed)
 
+    def detector_base(self, choice: DetectorChoice, *, where: str = "<config>") -> ExperimentConfig:
+        """The training config a trial of this detector starts from: `base` with the choice's arch, backbone
+        and own `model`/`train` keys applied (its sampled params go on top, `apply_trial_params`)."""
+        return self.base.with_overrides(where, model={**choice.model, "arch": choice.arch, "backbone": choice.backbone},
+                                        train=choice.train)
+
+    @property
+    def detector_bases(self) -> dict[str, ExperimentConfig]:
+        """`detector_base` of every detector of the search, by its key `"<arch>/<backbone>"`."""
+        return {choice.key: self.detector_base(choice) for choice in self.detectors}
+
     @property
     def detectors(self) -> tuple[DetectorChoice, ...]:
         """The detectors to search over (the base model's when `search.space.detectors` is empty)."""
@@ -180,6 +198,10 @@ class SweepConfig:
         for i, choice in enumerate(self.detectors):
             key = f"search.space.detectors[{i}]" if self.search.space.detectors else "model"
             _check_detector(choice, key, where)
+            for section in ("model", "train"):
+                _check("arch" not in getattr(choice, section) and "backbone" not in getattr(choice, section),
+                       where, f"{key}.{section}", "free of arch/backbone (the choice's own keys say them)")
+            self.detector_base(choice, where=f"{where}: `{key}`").validate(f"{where}: `{key}`")
         _validate_resources(self.resources, where)
         _validate_ensemble(self.ensemble, where)
         _check(self.failure.max_failures >= -1, where, "failure.max_failures",

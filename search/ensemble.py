@@ -41,7 +41,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,9 @@ class EnsembleModel:
     fold: int
     epoch: int  # 1-based epoch of the fold's best validation score
     score: float  # the fold's validation score at that epoch (0.5 * map_50 + 0.5 * f1)
+    # build_detector keywords the model was trained with that change its state dict (fcos_tal's neck_channels,
+    # head_convs: `ModelConfig.architecture_options`)
+    options: dict[str, int] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -167,7 +170,8 @@ class EnsembleSpec:
                 models=tuple(EnsembleModel(
                     path=str(m["path"]), trial_id=str(m["trial_id"]), arch=str(m["arch"]), backbone=str(m["backbone"]),
                     image_size=int(m["image_size"]), rank=int(m["rank"]), fold=int(m["fold"]), epoch=int(m["epoch"]),
-                    score=float(m["score"])) for m in data["models"]),
+                    score=float(m["score"]), options={str(k): int(v) for k, v in m.get("options", {}).items()})
+                    for m in data["models"]),
                 weights=tuple(float(w) for w in wbf["weights"]), iou_thr=float(wbf["iou_thr"]),
                 skip_box_thr=float(wbf["skip_box_thr"]), conf_type=str(wbf["conf_type"]),
             )
@@ -223,7 +227,7 @@ def build_ensemble_models(spec: EnsembleSpec, *, device: str | torch.device,
             state = torch.load(path, map_location="cpu", weights_only=True)
         model = build_detector(arch=entry.arch, backbone=entry.backbone, num_classes=spec.num_classes,
                                image_size=entry.image_size, start="none",
-                               anchor_shapes=anchor_shapes_from_state_dict(state))
+                               anchor_shapes=anchor_shapes_from_state_dict(state), **entry.options)
         model.load_state_dict(state)
         models.append(model.to(device).eval())
     return models
@@ -454,16 +458,20 @@ def _trial_models(info: _TrialInfo) -> _TrialModels:
     if not best:
         raise EnsembleError(f"{directory / BEST_DIR}: trial {info.trial_id} kept no best model; expected at least one.")
     try:
+        from detection.config import ModelConfig, from_dict
+
+        model_config = from_dict(ModelConfig, trial["config"]["model"], where=where, prefix="model.")
         models = tuple(EnsembleModel(path=e["path"], trial_id=info.trial_id, arch=str(trial["arch"]),
                                      backbone=str(trial["backbone"]), image_size=int(trial["image_size"]),
                                      rank=int(e["rank"]), fold=int(e["fold"]), epoch=int(e["epoch"]),
-                                     score=float(e["score"])) for e in sorted(best, key=lambda e: e["rank"]))
+                                     score=float(e["score"]), options=model_config.architecture_options)
+                       for e in sorted(best, key=lambda e: e["rank"]))
         return _TrialModels(trial_id=info.trial_id, start=trial.get("start"), num_classes=int(trial["num_classes"]),
                             class_names=tuple(trial["class_names"]),
                             category_ids=tuple(int(c) for c in trial["category_ids"]), models=models)
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, ConfigError) as error:
         raise EnsembleError(f"{where}: missing or bad key {error}; expected arch, backbone, num_classes, "
-                            "image_size, class_names and category_ids.") from error
+                            "image_size, class_names, category_ids and config.model.") from error
 
 
 # ------------------------------------------------------------------------------------ prediction tasks

@@ -82,7 +82,9 @@ def best_config(experiment_dir: str | Path) -> tuple[ExperimentConfig, BestTrial
 
     experiment_dir = Path(experiment_dir).resolve()
     trial = best_trial(experiment_dir)
-    return apply_trial_params(load_experiment(experiment_dir).base, trial.params), trial
+    sweep = load_experiment(experiment_dir)
+    base = sweep.detector_bases.get(trial.params.get("detector"), sweep.base)  # the detector's own keys
+    return apply_trial_params(base, trial.params), trial
 
 
 def export_best_config(experiment_dir: str | Path, out: str | Path) -> Path:

@@ -45,10 +45,14 @@ def merged(base: dict, changes: dict) -> dict:
 def test_demo_config_validates(coco_json):
     cfg = sweep_config_from_dict(demo_dict(coco_json), where="demo")
     assert cfg.data.num_folds == 2 and cfg.resources.gpus_per_fold == 0
-    assert cfg.detectors == (DetectorChoice("faster_rcnn", "mobilenet_v2"),)
+    # Two detectors, each tried first once; FCOS-TAL with its own optimizer and lr range.
+    assert [d.key for d in cfg.detectors] == ["faster_rcnn/mobilenet_v2", "fcos_tal/tf_efficientnet_lite0"]
+    assert cfg.search.each_detector_first and cfg.search.num_samples >= len(cfg.detectors)
+    assert cfg.detector_bases["fcos_tal/tf_efficientnet_lite0"].train.optimizer == "adamw"
+    assert cfg.detectors[1].lr.low == pytest.approx(5e-4)
     # 0 coordinator + 2 folds x 1 CPU = 2 CPUs reserved per trial: fits a 2-core laptop
     assert cfg.trial_cpus == 2 and cfg.trial_gpus == 0
-    assert cfg.search.space.lr.low == pytest.approx(0.003)  # YAML 1.1 reads 3e-3 style numbers as strings: coerced
+    assert cfg.search.space.lr.low == pytest.approx(0.006)  # YAML 1.1 reads 6e-3 style numbers as strings: coerced
 
 
 def test_cluster_example_validates():
@@ -112,8 +116,8 @@ BAD_CASES = [
                  id="gpus-above-one-not-whole"),
     pytest.param({"resources": {"cpus_per_fold": 0}}, "resources.cpus_per_fold", "> 0", id="zero-cpus"),
     pytest.param({"search": {"scheduler": "hyperband"}}, "search.scheduler", "'asha'", id="unknown-scheduler"),
-    pytest.param({"search": {"scheduler": "asha", "asha": {"grace_period": 9}}}, "search.asha.grace_period",
-                 "train.epochs=3", id="asha-grace-beyond-epochs"),
+    pytest.param({"search": {"scheduler": "asha", "asha": {"grace_period": 99}}}, "search.asha.grace_period",
+                 "train.epochs=20", id="asha-grace-beyond-epochs"),
     pytest.param({"search": {"metric": "accuracy"}}, "search.metric", "score_mean", id="unknown-metric"),
     pytest.param({"search": {"space": {"score_threshold": {"low": 0.5, "high": 1.0}}}},
                  "search.space.score_threshold", "[0.0, 1.0)", id="threshold-up-to-one"),
@@ -210,3 +214,38 @@ def test_mlflow_logging_needs_the_optional_extra(tmp_path, deepforest_root):
     else:
         callbacks = build_run_config(load_sweep_config(with_mlflow), experiment_dir=tmp_path).callbacks
         assert type(callbacks[0]).__name__ == "MLflowLoggerCallback"
+
+
+def test_a_detector_choice_brings_its_own_model_and_train_keys(coco_json):
+    from trainables.trial import TrialSetup, apply_trial_params
+
+    data = demo_dict(coco_json)
+    data["search"]["space"]["detectors"] = [
+        {"arch": "faster_rcnn", "backbone": "mobilenet_v2"},
+        {"arch": "fcos_tal", "backbone": "tf_efficientnet_lite0", "train": {"optimizer": "adamw"},
+         "model": {"neck_channels": 96, "head_convs": 2}},
+    ]
+    cfg = sweep_config_from_dict(data)
+    fcos = cfg.detector_bases["fcos_tal/tf_efficientnet_lite0"]
+    assert (fcos.train.optimizer, fcos.model.neck_channels, fcos.model.head_convs) == ("adamw", 96, 2)
+    assert fcos.model.architecture_options == {"neck_channels": 96, "head_convs": 2}
+    frcnn = cfg.detector_bases["faster_rcnn/mobilenet_v2"]
+    assert frcnn.train.optimizer == cfg.train.optimizer == "sgd" and frcnn.model.architecture_options == {}
+    # A trial of that detector starts from its base; the sampled params go on top.
+    setup = TrialSetup(base=cfg.base, split=None, split_path="split.json", resources=cfg.resources,
+                       detector_bases=cfg.detector_bases)
+    trial = apply_trial_params(setup.base_for({"detector": "fcos_tal/tf_efficientnet_lite0"}),
+                               {"detector": "fcos_tal/tf_efficientnet_lite0", "lr": 1e-3})
+    assert (trial.model.arch, trial.train.optimizer, trial.train.lr, trial.model.head_convs) == ("fcos_tal", "adamw",
+                                                                                                  1e-3, 2)
+    # Bad keys inside a choice name the choice.
+    data["search"]["space"]["detectors"][1]["train"] = {"optimiser": "adamw"}
+    with pytest.raises(ConfigError, match=r"search\.space\.detectors\[1\]`: unknown key `train\.optimiser`"):
+        sweep_config_from_dict(data)
+    data["search"]["space"]["detectors"][1]["train"] = {"optimizer": "lamb"}
+    with pytest.raises(ConfigError, match=r"search\.space\.detectors\[1\]`: `train\.optimizer` must be one of"):
+        sweep_config_from_dict(data)
+    data["search"]["space"]["detectors"][1]["train"] = {}
+    data["search"]["space"]["detectors"][1]["model"] = {"arch": "faster_rcnn"}
+    with pytest.raises(ConfigError, match=r"detectors\[1\]\.model` must be free of arch/backbone"):
+        sweep_config_from_dict(data)

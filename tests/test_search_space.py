@@ -8,7 +8,7 @@ import warnings
 import optuna
 import pytest
 
-from search.config import DetectorChoice, FloatRange, SweepConfig
+from search.config import DetectorChoice, FloatRange, SweepConfig, sweep_config_from_dict
 from search.space import PARAM_KEYS, DetectorSpace, build_search_space, lr_param_name
 from detection.config import ConfigError
 from search.tuner import OPTUNA_DB, TUNE_DIR, build_searcher, optuna_storage_url, write_optuna_db
@@ -144,3 +144,16 @@ def test_searcher_state_survives_a_pickle_and_exports_to_optuna_db(tmp_path):
 def test_export_without_searcher_state_names_the_folder(tmp_path):
     with pytest.raises(ConfigError, match="searcher-state"):
         write_optuna_db(tmp_path)
+
+
+def test_each_detector_first_gives_the_first_trials_every_detector_once():
+    config = sweep_config_from_dict({
+        "data": {"path": "unused"},
+        "search": {"max_concurrent_trials": 4, "n_startup_trials": 0, "each_detector_first": True,
+                   "space": {"detectors": [{"arch": "faster_rcnn", "backbone": "mobilenet_v2"},
+                                           {"arch": "fcos_tal", "backbone": "tf_efficientnet_lite0"}]}},
+    }, check_data=False)
+    limiter = build_searcher(config, study_name="first")
+    first, second = limiter.suggest("t1"), limiter.suggest("t2")
+    assert [first["detector"], second["detector"]] == ["faster_rcnn/mobilenet_v2", "fcos_tal/tf_efficientnet_lite0"]
+    assert all(0 < t["lr"] for t in (first, second)) and {"batch_size"} <= set(first)  # the rest is sampled

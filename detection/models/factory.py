@@ -28,6 +28,8 @@ def build_detector(
     roi_batch_size_per_image: int = 512,
     rpn_post_nms_top_n_train: int = 2000,
     freeze_backbone_epochs: int = 0,
+    neck_channels: int | None = None,
+    head_convs: int | None = None,
 ) -> nn.Module:
     """A detector with torchvision's contract.
 
@@ -49,6 +51,8 @@ def build_detector(
         roi_batch_size_per_image, rpn_post_nms_top_n_train: faster_rcnn only: RoIs sampled per image and
             training proposals kept (see `build_faster_rcnn`).
         freeze_backbone_epochs: fcos_tal only: backbone frozen for this many epochs (`model.set_epoch`).
+        neck_channels, head_convs: fcos_tal only: PAN neck width and convs per head tower (None: the
+            builder's defaults).
     Returns:
         An `nn.Module`: train mode `model(images, targets)` -> dict of losses; eval mode `model(images)` ->
         list of {"boxes" [N, 4] xyxy absolute in each input image's pixels, "scores" [N], "labels" int64 [N]}.
@@ -81,6 +85,7 @@ def build_detector(
                 backbone=backbone, num_classes=num_classes, image_size=image_size, start=start,
                 weights_path=weights_path, trainable_layers=trainable_layers,
                 freeze_backbone_epochs=freeze_backbone_epochs,
+                **{k: v for k, v in (("neck_channels", neck_channels), ("head_convs", head_convs)) if v is not None},
             )
         case _:
             raise ValueError(f"`arch` must be one of {list(ARCHS)}, but got {arch!r}.")
