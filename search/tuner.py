@@ -116,7 +116,8 @@ def prepare_experiment(config: SweepConfig, *, experiment_dir: Path) -> Path:
     from detection.models.weights import check_start_available
 
     for choice in config.detectors:  # weights that cannot be had stop the sweep here, not in every fold worker
-        check_start_available(choice.arch, choice.backbone, config.model.start, config.model.weights_path)
+        model = config.detector_base(choice).model
+        check_start_available(choice.arch, choice.backbone, model.start, model.weights_path)
     index = load_dataset(config.data.path, filter_empty=False)
     # Every image checked once here (cached per file), not by every fold of every trial.
     data = config.data
@@ -196,7 +197,8 @@ def build_searcher(config: SweepConfig, *, study_name: str = "detsweep") -> Any:
     """
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+
+    from search.optuna_search import PruningAwareOptunaSearch
 
     search = config.search
     with warnings.catch_warnings():
@@ -206,8 +208,10 @@ def build_searcher(config: SweepConfig, *, study_name: str = "detsweep") -> Any:
         # constant_liar: trials still running count as bad, so parallel trials spread out.
         sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True, constant_liar=True,
                                              n_startup_trials=search.n_startup_trials)
-    searcher = OptunaSearch(space=build_search_space(config=config), metric=search.metric, mode=search.mode,
-                            sampler=sampler, study_name=study_name)
+    first = [{"detector": d.key} for d in config.detectors] if search.each_detector_first else None
+    searcher = PruningAwareOptunaSearch(space=build_search_space(config=config), metric=search.metric,
+                                        mode=search.mode, sampler=sampler, study_name=study_name,
+                                        points_to_evaluate=first)
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent_trials)
 
 
@@ -299,7 +303,7 @@ def build_trainable(config: SweepConfig, *, experiment_dir: Path, remote: str | 
     summary = local / DATA_SUMMARY_JSON
     setup = TrialSetup(base=config.base, split=Split.from_json(local / SPLIT_JSON),
                        split_path=join_uri(remote, SPLIT_JSON) if remote else str(local / SPLIT_JSON),
-                       resources=config.resources,
+                       resources=config.resources, detector_bases=config.detector_bases,
                        data_summary=json.loads(summary.read_text()) if summary.is_file() else None)
     trainable = tune.with_parameters(sweep_trial, setup=setup)
     return tune.with_resources(trainable, trial_resources(config.data.num_folds, config.resources))
@@ -317,9 +321,11 @@ def build_run_config(config: SweepConfig, *, experiment_dir: Path, remote: str |
     from search.failures import FailurePolicy
 
     reporter = tune.CLIReporter(
-        parameter_columns=PARAM_COLUMNS,
-        metric_columns={"training_iteration": "epoch", "score_mean": "score", "score_std": "+-",
-                        "map_50_mean": "map_50", "f1_mean": "f1"},
+        # Tune's reporter fails on a column the trial configs lack: the threshold only when it is sampled.
+        parameter_columns={k: v for k, v in PARAM_COLUMNS.items()
+                           if k != "score_threshold" or config.search.space.score_threshold is not None},
+        metric_columns={"training_iteration": "epoch", "cv_score": "cv_score", "score_mean": "score",
+                        "score_std": "+-", "map_50_mean": "map_50", "f1_mean": "f1"},
         metric=config.search.metric, mode=config.search.mode, sort_by_metric=True, max_report_frequency=30,
         max_column_length=28,  # "faster_rcnn/efficientnet_b3" whole
     )
@@ -418,16 +424,17 @@ class TrialStatus:
     detector: str
     lr: float | None
     batch_size: int | None
-    score_threshold: float | None
+    score_threshold: float | None  # the sampled one, else the F1-optimal one on the out-of-fold predictions
     epochs: int  # epochs reported so far (training_iteration)
-    score_mean: float | None
+    cv_score: float | None  # fold mean of each fold's best-epoch score (what the search is told)
+    score_mean: float | None  # the last epoch's fold mean
     score_std: float | None
     best_score: float | None
     error: str | None = None
 
 
 def sweep_status(experiment_dir: Path) -> list[TrialStatus]:
-    """The trials of a running or finished sweep, best `score_mean` first (no Ray cluster needed).
+    """The trials of a running or finished sweep, best `cv_score` first (no Ray cluster needed).
 
     Reads Tune's experiment state (trial status and config, saved at least every few seconds and on each
     checkpoint) and each trial's `result.json` (appended on every report, so it is newer).
@@ -461,11 +468,13 @@ def sweep_status(experiment_dir: Path) -> list[TrialStatus]:
             error = _first_error_line(trial)
         rows.append(TrialStatus(
             trial_id=trial.trial_id, status=trial.status, detector=str(config.get("detector", "?")),
-            lr=config.get("lr"), batch_size=config.get("batch_size"), score_threshold=config.get("score_threshold"),
-            epochs=int(last.get("training_iteration", 0) or 0), score_mean=finite_float(last.get("score_mean")),
+            lr=config.get("lr"), batch_size=config.get("batch_size"),
+            score_threshold=finite_float(config.get("score_threshold", last.get("oof_threshold"))),
+            epochs=int(last.get("training_iteration", 0) or 0), cv_score=finite_float(last.get("cv_score")),
+            score_mean=finite_float(last.get("score_mean")),
             score_std=finite_float(last.get("score_std")), best_score=finite_float(last.get("best_score")), error=error,
         ))
-    return sorted(rows, key=lambda r: (r.score_mean is None, -(r.score_mean or 0.0), r.trial_id))
+    return sorted(rows, key=lambda r: (r.cv_score is None, -(r.cv_score or 0.0), r.trial_id))
 
 
 def finite_float(value: Any) -> float | None:
@@ -487,13 +496,15 @@ def _first_error_line(trial: Trial) -> str | None:
 
 def format_status(rows: list[TrialStatus], *, num_samples: int | None = None) -> str:
     """A Markdown table of `sweep_status` rows."""
-    head = "| rank | trial | status | detector | lr | batch | thr | epochs | score_mean +- std | best fold |"
+    head = ("| rank | trial | status | detector | lr | batch | thr | epochs | CV score | last epoch score_mean +- std "
+            "| best fold |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for rank, r in enumerate(rows, start=1):
         score = "-" if r.score_mean is None else f"{r.score_mean:.4f} +- {r.score_std or 0.0:.4f}"
         lines.append(
             f"| {rank} | {r.trial_id} | {r.status} | {r.detector} | {format_or_dash(r.lr, '.2e')} | {format_or_dash(r.batch_size, 'd')} "
-            f"| {format_or_dash(r.score_threshold, '.3f')} | {r.epochs} | {score} | {format_or_dash(r.best_score, '.4f')} |")
+            f"| {format_or_dash(r.score_threshold, '.3f')} | {r.epochs} | {format_or_dash(r.cv_score, '.4f')} | {score} "
+            f"| {format_or_dash(r.best_score, '.4f')} |")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1

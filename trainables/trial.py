@@ -159,6 +159,8 @@ class TrialSetup:
         resources: CPUs/GPUs per fold and for the coordinator (must match `trial_resources`).
         keep_best: how many fold models a checkpoint keeps (best epoch of each fold, then the top folds).
         data_summary: the driver's load summary (`detection.data.verify.summarize`), recorded in manifests.
+        detector_bases: per detector key (`"<arch>/<backbone>"`), the config its trials start from instead of
+            `base` (the detector's own model/train keys: `search.config.SweepConfig.detector_bases`).
     """
 
     base: ExperimentConfig
@@ -167,6 +169,11 @@ class TrialSetup:
     resources: FoldResources
     keep_best: int = 3
     data_summary: Mapping[str, Any] | None = None
+    detector_bases: Mapping[str, ExperimentConfig] = field(default_factory=dict)
+
+    def base_for(self, params: Mapping[str, Any]) -> ExperimentConfig:
+        """The config a trial with these sampled params starts from (its detector's, else `base`)."""
+        return self.detector_bases.get(params.get("detector"), self.base)
 
     def __post_init__(self) -> None:
         if self.keep_best < 1:
@@ -402,7 +409,7 @@ class _Trial:
     def __init__(self, params: Mapping[str, Any], setup: TrialSetup) -> None:
         self.params = dict(params)
         self.setup = setup
-        self.config = apply_trial_params(setup.base, params)
+        self.config = apply_trial_params(setup.base_for(params), params)
         self.split = setup.split
         self.num_folds = self.split.num_folds
         context = tune.get_context()
