@@ -205,7 +205,9 @@ def test_mlflow_logging_needs_the_optional_extra(tmp_path, deepforest_root):
     base = f"data:\n  path: {deepforest_root}\n"
     plain = tmp_path / "plain.yaml"
     plain.write_text(base)
-    assert build_run_config(load_sweep_config(plain), experiment_dir=tmp_path).callbacks in (None, [])
+    # Without MLflow only the failure policy (search/failures.py) is called back.
+    plain_callbacks = build_run_config(load_sweep_config(plain), experiment_dir=tmp_path).callbacks
+    assert [type(c).__name__ for c in plain_callbacks] == ["FailurePolicy"]
     with_mlflow = tmp_path / "mlflow.yaml"
     with_mlflow.write_text(base + f"logging:\n  mlflow_tracking_uri: file://{tmp_path}/mlruns\n")
     if importlib.util.find_spec("mlflow") is None:
@@ -213,7 +215,7 @@ def test_mlflow_logging_needs_the_optional_extra(tmp_path, deepforest_root):
             load_sweep_config(with_mlflow)
     else:
         callbacks = build_run_config(load_sweep_config(with_mlflow), experiment_dir=tmp_path).callbacks
-        assert type(callbacks[0]).__name__ == "MLflowLoggerCallback"
+        assert sorted(type(c).__name__ for c in callbacks) == ["FailurePolicy", "MLflowLoggerCallback"]
 
 
 def test_a_detector_choice_brings_its_own_model_and_train_keys(coco_json):
