@@ -20,6 +20,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from detection.config import OPTIMIZERS
 from detection.metrics import detection_metrics
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
     "train_one_epoch",
 ]
 
-OPTIMIZERS = ("sgd", "adamw", "adam")
 
 Batch = tuple[Sequence[torch.Tensor], Sequence[Mapping[str, Any]]]
 

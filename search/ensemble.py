@@ -50,7 +50,7 @@ from torch import nn
 
 from detection.config import ConfigError
 from detection.data.splits import Split
-from search.tuner import finite_float, format_or_dash
+from search.formatting import finite_float, format_or_dash
 
 __all__ = [
     "BEST_ENSEMBLE_DIR",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from detection.config import ConfigError
 from search.config import SweepConfig, load_sweep_config
 from search.space import build_search_space
+from search.formatting import finite_float, format_or_dash
 from search.storage import Experiment, exists, is_uri, join_uri
 
 if TYPE_CHECKING:
@@ -477,15 +478,6 @@ def sweep_status(experiment_dir: Path) -> list[TrialStatus]:
     return sorted(rows, key=lambda r: (r.cv_score is None, -(r.cv_score or 0.0), r.trial_id))
 
 
-def finite_float(value: Any) -> float | None:
-    """`value` as a finite float, or None (missing, not a number, nan or inf)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _first_error_line(trial: Trial) -> str | None:
     path = trial.storage.trial_fs_path if trial.storage else None
     if path and (Path(path) / "error.txt").is_file():
@@ -515,8 +507,3 @@ def format_status(rows: list[TrialStatus], *, num_samples: int | None = None) ->
         if r.error:
             lines.append(f"{r.trial_id} errored: {r.error}")
     return "\n".join(lines)
-
-
-def format_or_dash(value: Any, spec: str) -> str:
-    """`format(value, spec)`, or "-" for a missing value (leaderboard cells)."""
-    return "-" if value is None else format(value, spec)
