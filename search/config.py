@@ -115,6 +115,10 @@ class ResourcesConfig:
     cpus_per_fold: float = 1.0
     gpus_per_fold: float = 0.0  # 1, a fraction (folds share a GPU), an integer > 1, or 0 on CPU machines
     coordinator_cpus: float = 0.1  # the trial's own actor only drives its folds
+    # A custom Ray resource the coordinator bundle also asks for (1 unit per trial), e.g. "coordinator" that only
+    # the on-demand head advertises (cluster.yaml `resources: {"CPU": 0, "coordinator": N}`): coordinators then
+    # never land on a spot GPU node, whose reclaim would restart the whole trial. None: anywhere with CPUs.
+    coordinator_resource: str | None = None
 
 
 @dataclass(frozen=True)
@@ -344,6 +348,10 @@ def _check_detector(choice: DetectorChoice, key: str, where: str) -> None:
 def _validate_resources(res: ResourcesConfig, where: str) -> None:
     _check(res.cpus_per_fold > 0, where, "resources.cpus_per_fold", f"> 0, got {res.cpus_per_fold}")
     _check(res.coordinator_cpus >= 0, where, "resources.coordinator_cpus", f">= 0, got {res.coordinator_cpus}")
+    name = res.coordinator_resource
+    _check(name is None or (isinstance(name, str) and bool(name) and name not in ("CPU", "GPU", "memory")),
+           where, "resources.coordinator_resource",
+           f"unset or the name of a custom Ray resource (not CPU/GPU/memory), got {name!r}")
     g = res.gpus_per_fold
     _check(g >= 0 and (g <= 1 or float(g).is_integer()), where, "resources.gpus_per_fold",
            f"0, a fraction in (0, 1], or a whole number of GPUs, got {g}")

@@ -55,6 +55,7 @@ __all__ = [
     "prepare_experiment",
     "restore_tuner",
     "sweep_status",
+    "set_max_pending_trials",
     "sweep_trial",
     "write_optuna_db",
 ]
@@ -172,8 +173,12 @@ def init_ray(config: SweepConfig, *, address: str | None = None, dashboard: bool
                        "resources.cpus_per_fold) on a %d-core machine: Ray is told %d CPUs.",
                        config.trial_cpus, cores, num_cpus)
     # address="local": always a new embedded Ray, never another process's cluster that ray.init() would find.
+    # A local Ray gets the coordinators' custom resource (resources.coordinator_resource) for every concurrent
+    # trial, as cluster.yaml's head advertises it; a cluster must advertise it itself.
+    custom = config.resources.coordinator_resource
     context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                       dashboard_host=dashboard_host, log_to_driver=True)
+                       dashboard_host=dashboard_host, log_to_driver=True,
+                       resources={custom: float(config.search.max_concurrent_trials)} if custom else None)
     if context.dashboard_url:
         logger.info("Ray dashboard: http://%s", context.dashboard_url)
     have_gpus = ray.cluster_resources().get("GPU", 0.0)
@@ -361,12 +366,35 @@ def _use_cli_reporter() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
+MAX_PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
+
+
+def set_max_pending_trials(config: SweepConfig) -> int:
+    """`TUNE_MAX_PENDING_TRIALS_PG` = `search.max_concurrent_trials` in this (the driver's) process.
+
+    Tune reads the variable in the driver when `Tuner.fit` builds its TuneController
+    (`ray.tune.execution.tune_controller._get_max_pending_trials`, again in `update_max_pending_trials`), and
+    keeps at most that many trials' placement groups pending; the autoscaler only sees pending groups, so
+    with one at a time a 30-GPU sweep would ramp up trial by trial. Set here, before the Tuner is built,
+    it holds for `detsweep sweep|resume` run directly and as a `ray job submit` entrypoint alike (the
+    entrypoint is the driver process; no runtime_env is needed). Returns the value set.
+    """
+    value = int(config.search.max_concurrent_trials)
+    previous = os.environ.get(MAX_PENDING_ENV)
+    if previous not in (None, str(value)):
+        logger.info("%s was %s; set to search.max_concurrent_trials = %d.", MAX_PENDING_ENV, previous, value)
+    os.environ[MAX_PENDING_ENV] = str(value)
+    return value
+
+
 def build_tuner(config: SweepConfig, *, experiment_dir: Path, remote: str | None = None) -> tune.Tuner:
     """The Tuner of a prepared experiment folder (see `prepare_experiment`); with `remote` (the experiment's
-    URI, `experiment_dir` its local mirror) Tune stores the trials there."""
+    URI, `experiment_dir` its local mirror) Tune stores the trials there. Sets `TUNE_MAX_PENDING_TRIALS_PG`
+    (`set_max_pending_trials`)."""
     from ray import tune
 
     _use_cli_reporter()
+    set_max_pending_trials(config)
     tune_config = tune.TuneConfig(
         search_alg=build_searcher(config, study_name=Path(experiment_dir).name),
         scheduler=build_scheduler(config),
@@ -393,6 +421,7 @@ def restore_tuner(experiment_dir: Path, *, remote: str | None = None, retry_erro
         logger.info("%s: no Tune experiment state yet; starting the sweep from its saved config.", tune_dir)
         return build_tuner(config, experiment_dir=experiment_dir, remote=remote)
     _use_cli_reporter()
+    set_max_pending_trials(config)
     trainable = build_trainable(config, experiment_dir=experiment_dir, remote=remote)
     return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=retry_errored,
                               restart_errored=False)

@@ -43,8 +43,9 @@ def test_cluster_yaml_passes_rays_validator_without_boto3(config: dict[str, Any]
 
 def test_head_is_a_cpu_node_that_runs_no_trial_work(config: dict[str, Any]) -> None:
     head = config["available_node_types"][config["head_node_type"]]
-    # CPU 0: no fold, coordinator bundle or ensemble task lands on the head; no GPU key either.
-    assert head["resources"] == {"CPU": 0}
+    # CPU 0: no fold or ensemble task lands on the head; no GPU key either. Its "coordinator" resource is
+    # the trial coordinators' home (below).
+    assert head["resources"]["CPU"] == 0 and "GPU" not in head["resources"]
     assert head["node_config"]["InstanceType"].startswith(("m", "c", "r"))
     # prepare_config sets the head type's own max_workers to 0 (the head is never scaled).
     assert head["max_workers"] == 0
@@ -68,6 +69,29 @@ def test_gpu_workers_scale_from_zero_spot_first_with_on_demand_fallback(config: 
     assert node_types[spot[0]].resources == node_types[on_demand[0]].resources
     head_start = " ".join(config["head_start_ray_commands"])
     assert "RAY_enable_autoscaler_v2=1" in head_start
+
+
+def test_coordinators_live_on_the_on_demand_head_not_on_spot_nodes(config: dict[str, Any]) -> None:
+    from search.config import load_sweep_config
+    from trainables.trial import trial_resources
+
+    example = load_sweep_config(ROOT / "configs" / "cluster_example.yaml", check_data=False)
+    name = example.resources.coordinator_resource
+    assert name == "coordinator"
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert "InstanceMarketOptions" not in head["node_config"]  # on demand: spot reclaim never takes it
+    # One unit per concurrent trial, only on the head: no worker type (spot or on demand) advertises it.
+    assert head["resources"][name] >= example.search.max_concurrent_trials
+    assert all(name not in t["resources"] for n, t in types.items() if n != config["head_node_type"])
+    coordinator, *folds = trial_resources(example.data.num_folds, example.resources).bundles
+    # The coordinator bundle fits the head (CPU 0) and fits no GPU worker; every fold bundle fits a GPU worker
+    # and not the head.
+    fits = lambda bundle, res: all(res.get(k, 0) >= v for k, v in bundle.items())  # noqa: E731
+    assert fits(coordinator, head["resources"])
+    assert not any(fits(coordinator, t["resources"]) for n, t in types.items() if n != config["head_node_type"])
+    assert folds and all(not fits(f, head["resources"]) for f in folds)
+    assert all(fits(f, types["gpu.spot"]["resources"]) for f in folds)
 
 
 def test_dashboard_on_head_loopback_and_idle_timeout(config: dict[str, Any]) -> None:

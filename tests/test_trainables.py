@@ -106,6 +106,16 @@ def test_apply_trial_params_rejects(params: dict, error: type, named: str) -> No
                      id="two-folds-share-a-gpu"),
         pytest.param(ResourcesConfig(cpus_per_fold=1, gpus_per_fold=0, coordinator_cpus=0.1),
                      [{"CPU": 0.1}, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}], id="cpu-only-no-gpu-key"),
+        # cluster.yaml's head advertises {"CPU": 0, "coordinator": N}: the coordinator asks for no CPU there.
+        pytest.param(ResourcesConfig(cpus_per_fold=8, gpus_per_fold=1, coordinator_cpus=0,
+                                     coordinator_resource="coordinator"),
+                     [{"coordinator": 1.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0},
+                      {"CPU": 8.0, "GPU": 1.0}], id="coordinator-on-the-head-resource"),
+        # an on-demand CPU worker type advertising the resource: the coordinator takes a CPU share there too.
+        pytest.param(ResourcesConfig(cpus_per_fold=1, gpus_per_fold=0, coordinator_cpus=0.1,
+                                     coordinator_resource="coordinator"),
+                     [{"CPU": 0.1, "coordinator": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}],
+                     id="coordinator-resource-and-cpus"),
     ],
 )
 def test_trial_resources_bundles(resources: ResourcesConfig, expected: list[dict]) -> None:
@@ -126,6 +136,7 @@ def test_trial_resources_without_coordinator_cpus_has_only_fold_bundles() -> Non
         pytest.param(0, ResourcesConfig(), "num_folds >= 1", id="no-folds"),
         pytest.param(2, ResourcesConfig(cpus_per_fold=0), "cpus_per_fold > 0", id="zero-cpus"),
         pytest.param(2, ResourcesConfig(gpus_per_fold=-1), "gpus_per_fold >= 0", id="negative-gpus"),
+        pytest.param(2, ResourcesConfig(coordinator_resource="GPU"), "custom Ray resource", id="builtin-resource"),
     ],
 )
 def test_trial_resources_rejects(num_folds: int, resources: ResourcesConfig, named: str) -> None:

@@ -145,6 +145,8 @@ class FoldResources(Protocol):
     cpus_per_fold: float
     gpus_per_fold: float
     coordinator_cpus: float
+    # optional: a custom resource (1 unit) the coordinator bundle asks for; None or absent: none
+    coordinator_resource: str | None
 
 
 @dataclass(frozen=True)
@@ -185,9 +187,12 @@ class TrialSetup:
 def trial_resources(num_folds: int, resources: FoldResources) -> tune.PlacementGroupFactory:
     """The placement group of one trial: `[{"CPU": coordinator_cpus}] + [{"CPU": c, "GPU": g}] * K`.
 
-    The GPU key is left out when `gpus_per_fold` is 0 (CPU machines). With `coordinator_cpus == 0` the
-    coordinator bundle is empty (Tune then places the coordinator outside the group and the K fold
-    bundles are 0..K-1). Strategy PACK: folds fill a multi-GPU node before spilling to the next one.
+    The GPU key is left out when `gpus_per_fold` is 0 (CPU machines). With `coordinator_resource` (e.g.
+    "coordinator", advertised by the on-demand head only) the coordinator bundle also asks for 1 unit of it,
+    so the coordinator lands where that resource is and never on a spot fold node. With `coordinator_cpus
+    == 0` and no `coordinator_resource` the coordinator bundle is empty (Tune then places the coordinator
+    outside the group and the K fold bundles are 0..K-1). Strategy PACK: folds fill a multi-GPU node before
+    spilling to the next one (PACK is soft: the coordinator bundle may sit on another node than the folds).
     """
     if num_folds < 1:
         raise ValueError(f"`num_folds >= 1` must hold, but got ({num_folds=}).")
@@ -201,6 +206,11 @@ def trial_resources(num_folds: int, resources: FoldResources) -> tune.PlacementG
     if gpus > 0:
         fold_bundle["GPU"] = float(gpus)
     head = {"CPU": float(coordinator)} if coordinator > 0 else {}
+    custom = getattr(resources, "coordinator_resource", None)
+    if custom:
+        if custom in ("CPU", "GPU", "memory"):
+            raise ValueError(f"`coordinator_resource` must name a custom Ray resource, but got {custom!r}.")
+        head[str(custom)] = 1.0
     return tune.PlacementGroupFactory([head] + [dict(fold_bundle) for _ in range(num_folds)], strategy="PACK")
 
 
