@@ -2,9 +2,9 @@
 
     detsweep predict --ensemble EXP/best_ensemble.json photo.png more/ --out preds.json [--draw DIR] [--device auto]
 
-The ensemble (the best trial's fold models, fused with Weighted Boxes Fusion as the ensemble job scored
-them) is loaded with `search.ensemble.load_ensemble` and run with `search.ensemble.predict_ensemble`, on
-CPU or GPU. Two JSON files come out:
+The ensemble (the fold models the ensemble job chose on the selection split, of one trial or several,
+fused with Weighted Boxes Fusion as the job scored them) is loaded with `search.ensemble.load_ensemble` and
+run with `search.ensemble.predict_ensemble`, on CPU or GPU. Two JSON files come out:
 
 - `preds.json`, a COCO results file: the list `[{"image_id", "category_id", "bbox": [x, y, w, h] absolute
   pixels, "score"}, ...]` with the dataset's original COCO category ids, the fused boxes at or above the
@@ -12,7 +12,8 @@ CPU or GPU. Two JSON files come out:
 - `preds.images.json` (`images_file(out)`), a COCO dataset dict naming the images those ids stand for:
 
       {
-        "info": {"ensemble": <best_ensemble.json>, "trial_id": ..., "score_threshold": <the one applied>,
+        "info": {"ensemble": <best_ensemble.json>, "ensemble_name": <trial id or "greedy">,
+                 "detectors": ["<arch>/<backbone>", ...], "score_threshold": <the one applied>,
                  "results": <preds.json>, ...},
         "images":      [{"id": 1, "file_name": <absolute path>, "width": W, "height": H}, ...],
         "categories":  [{"id": <the dataset's original COCO category id>, "name": ...}, ...],
@@ -239,15 +240,9 @@ def write_predictions(
 
 
 def _ensemble_info(spec: Any) -> dict[str, Any]:
-    """Which ensemble predicted: its name (a trial id, or the cross-trial one's) and its detectors.
-
-    Reads a one-trial spec (`trial_id`, `arch`, `backbone`) and a spec whose models carry their own detector.
-    """
-    name = getattr(spec, "name", None) or getattr(spec, "trial_id", None)
-    detectors = sorted({f"{m.arch}/{m.backbone}" for m in spec.models if hasattr(m, "arch")})
-    if not detectors and hasattr(spec, "arch"):
-        detectors = [f"{spec.arch}/{spec.backbone}"]
-    return {"ensemble_name": name, "detectors": detectors}
+    """Which ensemble predicted (an `EnsembleSpec` of best_ensemble.json format 2): its name (a trial id, or
+    "greedy" for the cross-trial one) and its detectors (`arch/backbone` of its models, sorted, once each)."""
+    return {"ensemble_name": spec.name, "detectors": sorted({f"{m.arch}/{m.backbone}" for m in spec.models})}
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -29,12 +29,12 @@ from search.predict import (
 )
 
 
-def _holdout_files(experiment: Path) -> tuple[list[Path], list[int]]:
-    """(held-out image files, their dataset ids) of the sweep."""
+def _test_files(experiment: Path) -> tuple[list[Path], list[int]]:
+    """(test-split image files, their dataset ids) of the sweep."""
     config = yaml.safe_load((experiment / "sweep.yaml").read_text())
-    index = load_dataset(config["data"]["path"])
-    holdout = json.loads((experiment / "split.json").read_text())["holdout"]
-    return [index.by_id(i).path for i in holdout], holdout
+    index = load_dataset(config["data"]["path"], filter_empty=False)  # the ids the sweep split (split.json)
+    test = json.loads((experiment / "split.json").read_text())["test"]
+    return [index.by_id(i).path for i in test], test
 
 
 def _read(out: Path) -> tuple[list[dict], dict]:
@@ -54,7 +54,7 @@ def _coco_with_results(out: Path) -> tuple[COCO, COCO]:
 @pytest.mark.slow
 def test_predict_files_and_folders_skipping_unreadable(finished_sweep: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    files, _ = _holdout_files(finished_sweep)
+    files, _ = _test_files(finished_sweep)
     folder = tmp_path / "photos"
     (folder / "nested").mkdir(parents=True)
     shutil.copy(files[0], folder / "nested" / "a.png")
@@ -85,6 +85,8 @@ def test_predict_files_and_folders_skipping_unreadable(finished_sweep: Path, tmp
 
     best = json.loads((finished_sweep / "best_ensemble.json").read_text())
     assert data["info"]["score_threshold"] == best["score_threshold"]  # boxes below the ensemble's cut are left out
+    assert data["info"]["ensemble_name"] == best["name"] and data["info"]["num_models"] == len(best["models"])
+    assert data["info"]["detectors"] == sorted({f"{m['arch']}/{m['backbone']}" for m in best["models"]})
     assert len(results) > 0 and all(r["score"] >= best["score_threshold"] for r in results)
     gt, loaded = _coco_with_results(out)
     assert len(loaded.getAnnIds()) == len(results)
@@ -106,17 +108,30 @@ def test_predict_files_and_folders_skipping_unreadable(finished_sweep: Path, tmp
 
 
 @pytest.mark.slow
-def test_predict_matches_the_ensemble_jobs_held_out_predictions(finished_sweep: Path, tmp_path: Path) -> None:
-    """Same models, same fusion, same pixels: predict reproduces the ensemble job's fused held-out boxes."""
+def test_predict_matches_the_ensemble_jobs_test_predictions(finished_sweep: Path, tmp_path: Path) -> None:
+    """Same models, same fusion, same pixels: predict reproduces the ensemble job's fused test-split boxes of
+    the chosen ensemble (ensemble/test.json) and its test figures (best_ensemble.json `test_metrics`)."""
     best = json.loads((finished_sweep / "best_ensemble.json").read_text())
-    files, holdout = _holdout_files(finished_sweep)
-    summary = predict_images(finished_sweep / "best_ensemble.json", files, out=tmp_path / "p.json", device="cpu",
-                             score_threshold=0.0)  # every fused box, as the ensemble job ranks them
+    files, test = _test_files(finished_sweep)
+    assert files and best["test_metrics"] is not None
+    # On as many torch threads as the job's Ray task had (`ensemble.cpus`): another thread count gives other
+    # float noise, which reorders boxes of equal score, and WBF's clusters (hence a box more or less) depend
+    # on that order.
+    job_threads = max(1, int(yaml.safe_load((finished_sweep / "sweep.yaml").read_text())["ensemble"]["cpus"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job_threads)
+    try:
+        summary = predict_images(finished_sweep / "best_ensemble.json", files, out=tmp_path / "p.json", device="cpu",
+                                 score_threshold=0.0)  # every fused box, as the ensemble job ranks them
+    finally:
+        torch.set_num_threads(threads)
     assert summary.num_images == len(files) and summary.skipped == [] and summary.score_threshold == 0.0
     results, data = _read(summary.out)
     ours = predictions_from_coco(results, [image["id"] for image in data["images"]], best["category_ids"])
-    job = json.loads((finished_sweep / "ensemble" / f"{best['trial_id']}.json").read_text())
-    theirs = predictions_from_coco(job["predictions"], holdout, best["category_ids"])
+    job = json.loads((finished_sweep / "ensemble" / "test.json").read_text())
+    assert job["split"] == "test" and job["image_ids"] == test and job["name"] == best["name"]
+    assert job["metrics"] == best["test_metrics"]
+    theirs = predictions_from_coco(job["predictions"], test, best["category_ids"])
     assert sum(len(p["boxes"]) for p in theirs) > 0
     twins = total = 0
     for mine, reference in zip(ours, theirs):
@@ -130,11 +145,13 @@ def test_predict_matches_the_ensemble_jobs_held_out_predictions(finished_sweep: 
         twins += int((iou.max(dim=1).values > 0.99).sum()) if len(iou) else 0
         total += len(iou)
     assert twins >= 0.98 * total
-    index = load_dataset(yaml.safe_load((finished_sweep / "sweep.yaml").read_text())["data"]["path"])
-    targets = [{"boxes": torch.as_tensor(r.boxes), "labels": torch.as_tensor(r.labels)} for r in index.records(holdout)]
+    index = load_dataset(yaml.safe_load((finished_sweep / "sweep.yaml").read_text())["data"]["path"],
+                         filter_empty=False)
+    targets = [{"boxes": torch.as_tensor(r.boxes), "labels": torch.as_tensor(r.labels),
+                "iscrowd": torch.as_tensor(r.iscrowd)} for r in index.records(test)]
     metrics = detection_metrics(ours, targets, score_threshold=best["score_threshold"], class_names=best["class_names"])
     for key in ("map", "map_50", "f1", "score"):
-        assert metrics[key] == pytest.approx(best["holdout_metrics"][key], abs=2e-3), key
+        assert metrics[key] == pytest.approx(best["test_metrics"][key], abs=2e-3), key
 
 
 @pytest.mark.slow
