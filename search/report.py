@@ -166,6 +166,11 @@ def _fmt(value: Any, spec: str) -> str:
     return "&ndash;" if math.isnan(value) else format(value, spec)
 
 
+def _text(value: Any) -> str:
+    """A cell's text, escaped; a missing value is a dash (the entity itself, not escaped again)."""
+    return html.escape(str(value)) if value not in (None, "") else "&ndash;"
+
+
 def _leaderboard_rows(runs: Sequence[TrialRun], experiment_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
     """(rows in rank order, the best trial id).
 
@@ -210,11 +215,11 @@ def _section_leaderboard(rows: list[dict[str, Any]], best: str | None) -> str:
         body.append(
             f"<tr{cls}><td>{_fmt(r.get('rank'), '.0f')}</td>"
             f"<td><code>{html.escape(str(r['trial_id']))}</code></td><td>{html.escape(str(r.get('split') or ''))}</td>"
-            f"<td>{html.escape(str(r.get('detector') or '&ndash;'))}</td>"
-            f"<td>{html.escape(str(r.get('start') or '&ndash;'))}</td><td>{_fmt(r.get('lr'), '.2e')}</td>"
-            f"<td>{_fmt(r.get('batch_size'), '.0f')}</td><td>{html.escape(str(r.get('epochs') or '&ndash;'))}</td>"
+            f"<td>{_text(r.get('detector'))}</td>"
+            f"<td>{_text(r.get('start'))}</td><td>{_fmt(r.get('lr'), '.2e')}</td>"
+            f"<td>{_fmt(r.get('batch_size'), '.0f')}</td><td>{_text(r.get('epochs') or None)}</td>"
             f"<td>{_fmt(r.get('cv_score'), '.4f')}</td>"
-            f"<td><code>{html.escape(str(r.get('single_model') or '&ndash;'))}</code></td>"
+            f"<td><code>{_text(r.get('single_model'))}</code></td>"
             f"<td>{_fmt(r.get('single_map_50'), '.4f')}</td><td>{_fmt(r.get('single_f1'), '.4f')}</td>"
             f"<td>{_fmt(r.get('num_models'), '.0f')}</td><td>{_fmt(r.get('score_threshold'), '.3f')}</td>"
             + "".join(f"<td>{_fmt(r.get(m), '.4f')}</td>" for m in ("map", "map_50", "f1", "score"))

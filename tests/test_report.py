@@ -233,9 +233,10 @@ def test_report_is_self_contained_and_has_every_section(report_page: Path, finis
     assert len(trial_ids) == 2 and all(f"<code>{t}</code>" in page for t in trial_ids)
     chosen = json.loads((finished_sweep / "best_ensemble.json").read_text())
     best = chosen["models"][0]["trial_id"]  # the trial of the chosen ensemble's first model
-    assert re.search(r'<tr class="best"><td>&ndash;</td><td><code>chosen</code><td>test</td>', page)
+    assert re.search(r'<tr class="best"><td>&ndash;</td><td><code>chosen</code></td><td>test</td>', page)
     if chosen["name"] != "greedy":
         assert re.search(rf'<tr class="best"><td>1</td><td><code>{chosen["name"]}</code>', page)
+    assert "&amp;ndash;" not in page  # an empty cell shows a dash, not the escaped entity's text
     for name in ("Tree", "Dead", "Alive"):
         assert f"<td>{name}</td>" in page
     assert "optimization history" in page.lower()
