@@ -76,7 +76,9 @@ def test_best_trial_before_the_ensemble_job_is_the_best_cv_trial(finished_sweep:
 def test_best_ensemble_naming_an_unknown_trial_is_an_error(finished_sweep: Path, tmp_path: Path) -> None:
     experiment = shutil.copytree(finished_sweep, tmp_path / "exp", ignore=shutil.ignore_patterns("ensemble"))
     best_file = experiment / "best_ensemble.json"
-    best_file.write_text(json.dumps({**json.loads(best_file.read_text()), "trial_id": "nosuchtrial"}))
+    best = json.loads(best_file.read_text())
+    assert "trial_id" not in best  # format 2: each model names its trial
+    best_file.write_text(json.dumps({**best, "models": [{**m, "trial_id": "nosuchtrial"} for m in best["models"]]}))
     with pytest.raises(ConfigError, match=re.escape(str(best_file)) + ".*nosuchtrial"):
         export_best_config(experiment, tmp_path / "x.yaml")
     assert not (tmp_path / "x.yaml").exists()
@@ -89,7 +91,7 @@ def test_sweep_without_results_has_nothing_to_export(finished_sweep: Path, tmp_p
     experiment.mkdir()
     for name in ("sweep.yaml", "split.json"):
         shutil.copy(finished_sweep / name, experiment / name)
-    with pytest.raises(ConfigError, match="no trial has reported `score_mean`"):
+    with pytest.raises(ConfigError, match="no trial has reported `cv_score`"):  # the sweep's metric
         export_best_config(experiment, tmp_path / "x.yaml")
 
 
