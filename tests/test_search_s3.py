@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import socket
 import subprocess
@@ -170,16 +171,22 @@ def test_the_sweep_writes_its_whole_experiment_to_the_bucket(s3_sweep: tuple[str
     uri, _ = s3_sweep
     keys = _keys(uri)
     for name in ("sweep.yaml", "split.json", "optuna.db", "leaderboard.csv", "leaderboard.md", "best_ensemble.json",
-                 "best_ensemble/rank-1.pt", "best_ensemble/rank-2.pt", "report.html"):
+                 "ensemble/test.json", "report.html"):
         assert name in keys, sorted(keys)
     trials = {key.split("/")[1] for key in keys if key.startswith("tune/trial_")}
     assert len(trials) == 1
     (trial,) = trials
+    # The chosen ensemble's model files, copied beside best_ensemble.json (`<trial id>-fold-<k>.pt`).
+    best = json.loads(_read(join_uri(uri, "best_ensemble.json")))
+    assert best["models"] and {m["trial_id"] for m in best["models"]} == {trial.removeprefix("trial_")}
+    for model in best["models"]:
+        assert Path(model["path"]).name == f"{model['trial_id']}-fold-{model['fold']}.pt"
+        assert f"best_ensemble/{Path(model['path']).name}" in keys, sorted(keys)
     checkpoint = {key.split("/")[2] for key in keys if key.startswith(f"tune/{trial}/checkpoint_")}
     assert len(checkpoint) == 1  # the latest resume state only
     prefix = f"tune/{trial}/{checkpoint.pop()}/"
     for name in ("folds/fold-0.pt", "folds/fold-1.pt", "best/rank-1.pt", "best/rank-2.pt", "best/best.json",
-                 "trial.json", "manifest.json"):
+                 "best/oof-fold-0.pt", "best/oof-fold-1.pt", "trial.json", "manifest.json"):
         assert prefix + name in keys, sorted(keys)
     assert f"tune/{trial}/result.json" in keys
     assert f"ensemble/{trial.removeprefix('trial_')}.json" in keys
@@ -212,6 +219,10 @@ def test_resume_from_another_machine_redoes_nothing_and_reranks_the_same(
     # The finished trial was not run again: one trial, still one checkpoint, same result lines.
     assert {k for k in _keys(uri) if "/checkpoint_" in k} == {k for k in result_before if "/checkpoint_" in k}
     assert not list(local.rglob("fold-*.pt"))  # the fold resume states stayed in the bucket
+    (trial_id,) = {k.split("/")[1].removeprefix("trial_") for k in result_before if k.startswith("tune/trial_")}
     rows = list(csv.DictReader(io.StringIO(_read(join_uri(uri, "leaderboard.csv")))))
-    assert len(rows) == 1 and rows == list(csv.DictReader(io.StringIO(before)))
+    # One trial row (the greedy and the test-split rows follow it), ranked as before.
+    assert [r["trial_id"] for r in rows if r["status"] == "ensembled"] == [trial_id]
+    assert {r["trial_id"] for r in rows if r["split"] == "test"} == {"chosen", "best single model"}
+    assert rows == list(csv.DictReader(io.StringIO(before)))
     assert (driver_cache / mirror_dir(uri).name / "leaderboard.csv").read_bytes().decode() == before
