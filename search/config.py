@@ -1,8 +1,8 @@
 """Sweep configuration: the YAML that `detsweep sweep` reads, as validated frozen dataclasses.
 
 A sweep YAML has the sections of a training YAML (`data`, `model`, `train`, `seed`: the base every trial
-starts from, see `detection.config`) plus `name`, `storage`, `search`, `resources`, `ensemble` and
-`failure`. Everything is read and checked here, before Ray starts: unknown keys and bad values raise
+starts from, see `detection.config`) plus `name`, `storage`, `search`, `resources`, `ensemble`,
+`checkpoint` and `failure`. Everything is read and checked here, before Ray starts: unknown keys and bad values raise
 `detection.config.ConfigError` naming the file, the dotted key, what is allowed and what came.
 """
 
@@ -28,6 +28,7 @@ from detection.config import (
 
 __all__ = [
     "ASHAConfig",
+    "CheckpointConfig",
     "DetectorChoice",
     "EnsembleConfig",
     "FailurePolicy",
@@ -135,6 +136,18 @@ class EnsembleConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """What a trial writes to the experiment's storage each epoch (trainables/trial.py `_Trial.report`)."""
+
+    # The folds' full resume states (model + optimizer + scaler: ~2 GB per epoch for 5 ResNet-50-FPN folds) go
+    # into the checkpoint of every `resume_every`-th epoch and of the trial's last; other epochs write best/ (the
+    # kept fold models and out-of-fold predictions) only when a fold improved. They serve only a lost
+    # coordinator or driver (a lost fold is recreated from the coordinator's memory): the trial then goes back
+    # to the last states written and reruns at most resume_every - 1 epochs. Default from bench/checkpoint_io.py.
+    resume_every: int = 5
+
+
+@dataclass(frozen=True)
 class FailurePolicy:
     max_failures: int = 1  # retries of a failed trial (from its latest checkpoint); -1 retries forever
 
@@ -157,6 +170,7 @@ class SweepConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     failure: FailurePolicy = field(default_factory=FailurePolicy)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -208,6 +222,8 @@ class SweepConfig:
             self.detector_base(choice, where=f"{where}: `{key}`").validate(f"{where}: `{key}`")
         _validate_resources(self.resources, where)
         _validate_ensemble(self.ensemble, where)
+        _check(self.checkpoint.resume_every >= 1, where, "checkpoint.resume_every",
+               f"an integer >= 1 (epochs between the folds' resume states), got {self.checkpoint.resume_every}")
         _check(self.failure.max_failures >= -1, where, "failure.max_failures",
                f"an integer >= -1 (-1 retries forever), got {self.failure.max_failures}")
         if self.logging.mlflow_tracking_uri is not None:

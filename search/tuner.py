@@ -310,6 +310,7 @@ def build_trainable(config: SweepConfig, *, experiment_dir: Path, remote: str | 
     setup = TrialSetup(base=config.base, split=Split.from_json(local / SPLIT_JSON),
                        split_path=join_uri(remote, SPLIT_JSON) if remote else str(local / SPLIT_JSON),
                        resources=config.resources, detector_bases=config.detector_bases,
+                       resume_every=config.checkpoint.resume_every,
                        data_summary=json.loads(summary.read_text()) if summary.is_file() else None)
     trainable = tune.with_parameters(sweep_trial, setup=setup)
     return tune.with_resources(trainable, trial_resources(config.data.num_folds, config.resources))
@@ -338,7 +339,11 @@ def build_run_config(config: SweepConfig, *, experiment_dir: Path, remote: str |
     return tune.RunConfig(
         storage_path=remote or str(Path(experiment_dir).resolve()),
         name=TUNE_DIR,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest resume state; best models live inside
+        # The latest checkpoint (best models inside) and, when that one holds no fold states
+        # (checkpoint.resume_every > 1), the latest that does: trainables/trial.py reports
+        # resume_state_epoch = the epoch for a checkpoint with fold states, 0 for one without.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="resume_state_epoch",
+                                                checkpoint_score_order="max"),
         # The experiment state (read by `detsweep status`) reaches storage at least this often, besides on
         # every checkpoint; it is a few small files.
         sync_config=tune.SyncConfig(sync_period=30),

@@ -238,6 +238,17 @@ def test_checkpoint_without_best_models(tmp_path: Path) -> None:
     assert not (tmp_path / "manifest.json").exists()
 
 
+def test_checkpoint_without_fold_states_names_the_one_that_has_them(tmp_path: Path) -> None:
+    trial = {"num_folds": 2, "epoch": 3, "states_epoch": 2, "states_checkpoint": "checkpoint_000001"}
+    write_trial_checkpoint(tmp_path, fold_states=None, best=[_best(1, 0.5, epoch=3)], trial=trial)
+    assert not (tmp_path / "folds").exists()
+    back = read_trial_checkpoint(tmp_path)
+    assert back.fold_states == [] and back.trial == trial and [b.fold for b in back.best] == [1]
+    # Without the pointer it would be a checkpoint nobody can resume from.
+    with pytest.raises(ValueError, match="states_checkpoint"):
+        write_trial_checkpoint(tmp_path / "x", fold_states=None, best=[], trial={"num_folds": 2, "epoch": 1})
+
+
 def test_read_trial_checkpoint_names_a_missing_fold(tmp_path: Path) -> None:
     write_trial_checkpoint(tmp_path, fold_states=[b"a"], best=[], trial={"num_folds": 2, "epoch": 1})
     with pytest.raises(FileNotFoundError, match=r"fold-1\.pt.*num_folds=2"):

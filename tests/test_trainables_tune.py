@@ -3,6 +3,8 @@ reason while the sweep goes on, and a trial whose coordinator dies resumes from 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 from pathlib import Path
@@ -45,7 +47,7 @@ def make_setup(data_path: Path, split: Split, folder: Path, **train: Any) -> Tri
 
 
 def fit(setup: TrialSetup, storage: Path, param_space: dict, *, max_failures: int = 0,
-        callbacks: list | None = None) -> tune.ResultGrid:
+        callbacks: list | None = None, checkpoint_config: tune.CheckpointConfig | None = None) -> tune.ResultGrid:
     num_folds = setup.split.num_folds
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
                                     trial_resources(num_folds, setup.resources))
@@ -55,7 +57,7 @@ def fit(setup: TrialSetup, storage: Path, param_space: dict, *, max_failures: in
         tune_config=tune.TuneConfig(max_concurrent_trials=1),
         run_config=tune.RunConfig(
             storage_path=str(storage), name="tune", verbose=0, callbacks=callbacks or [],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=checkpoint_config or tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures),
         ),
     ).fit()
@@ -164,3 +166,59 @@ def test_trial_resumes_from_its_checkpoint_after_its_coordinator_dies(
     all_stopped = (history["folds_stopped"] == 2).tolist()
     stopped_at = all_stopped.index(True) + 1 if True in all_stopped else None
     assert len(history) == (stopped_at or 3)
+
+
+class KillBetweenResumeStates(tune.Callback):
+    """SIGKILLs the coordinator twice: once Tune registered epoch 1's checkpoint (best/ only, no fold states
+    written yet: the folds start afresh), and at epoch 3 (its checkpoint, if a fold improved, holds best/ only and
+    points at epoch 2's; without one the latest is epoch 2's): both times the trial goes back to the last fold
+    states written and reruns the epochs since unreported."""
+
+    def __init__(self) -> None:
+        self.kills: list[tuple[int, bool]] = []  # (epoch, whether its checkpoint had no fold states)
+
+    def _kill(self, trial: Any, partial: bool) -> None:
+        self.kills.append((int(trial.last_result["epoch"]), partial))
+        os.kill(int(trial.last_result["coordinator_pid"]), signal.SIGKILL)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result["epoch"] == 3 and len(self.kills) == 1 and result["checkpoint_bytes"] == 0:
+            self._kill(trial, partial=False)
+
+    def on_trial_save(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        epoch = trial.last_result["epoch"]
+        if (epoch, len(self.kills)) in ((1, 0), (3, 1)):
+            assert not (Path(trial.checkpoint.path) / "folds").exists()  # resume_every=2: odd epochs have none
+            self._kill(trial, partial=True)
+
+
+def test_checkpoints_between_resume_states_hold_no_fold_states_and_still_resume(
+    local_ray: None, deepforest_root: Path, tmp_path: Path
+) -> None:
+    split = Split(selection=(), test=(), folds=((0, 1), (2, 3)), seed=0)
+    setup = dataclasses.replace(make_setup(deepforest_root, split, tmp_path, epochs=4, batch_size=2, patience=0),
+                                resume_every=2)
+    killer = KillBetweenResumeStates()
+    results = fit(setup, tmp_path, {"lr": 0.01}, max_failures=2, callbacks=[killer],
+                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="resume_state_epoch",
+                                                          checkpoint_score_order="max"))
+    (result,) = results
+    assert result.error is None and [e for e, _ in killer.kills] == [1, 3] and killer.kills[0][1]
+    history = result.metrics_dataframe
+    if not killer.kills[1][1]:
+        # Epoch 3 had no checkpoint: Tune went back to epoch 2's and epoch 3 was reported again.
+        history = history.drop_duplicates("epoch", keep="last").reset_index(drop=True)
+    # Every epoch reported once, in order: an epoch rerun after resuming from older fold states is not reported.
+    assert history["epoch"].tolist() == history["training_iteration"].tolist() == [1, 2, 3, 4]
+    # Fold states went into the checkpoints of epochs 2 and 4 only (4: the last); the first restart began afresh,
+    # the second from epoch 2's states.
+    assert history["resume_state_epoch"].tolist() == [0, 2, 0, 4]
+    assert history["resumed_epoch"].tolist() == ([0, 0, 0, 2] if killer.kills[1][1] else [0, 0, 2, 2])
+    sizes = history["checkpoint_bytes"].tolist()
+    assert sizes[1] > 2 * max(sizes[0], sizes[2]) and sizes[3] > 2 * max(sizes[0], sizes[2])
+    final = Path(result.checkpoint.path)
+    assert torch.load(final / "folds" / "fold-1.pt", weights_only=True)["epoch"] == 4
+    trial_json = json.loads((final / "trial.json").read_text())
+    assert trial_json["states_epoch"] == 4 and trial_json["states_checkpoint"] is None
+    # On storage: the latest checkpoint (with fold states) only.
+    assert [p.name for p in Path(result.path).glob("checkpoint_*")] == [final.name]

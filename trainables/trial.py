@@ -39,7 +39,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import numpy as np
@@ -66,6 +66,7 @@ __all__ = [
     "MAX_FOLD_RESTARTS",
     "METRICS",
     "RETRYABLE_REASONS",
+    "STATES_CHECKPOINT",
     "TRIAL_JSON",
     "TRIAL_PARAMS",
     "BestModel",
@@ -97,6 +98,8 @@ BUNDLE_TIMEOUT_S = 1800.0  # how long a lost fold's bundle may take to come back
 NAME_RELEASE_TIMEOUT_S = 60.0  # how long a dead actor's name may stay taken
 
 FOLDS_DIR, BEST_DIR, BEST_JSON, TRIAL_JSON = "folds", "best", "best.json", "trial.json"
+# trial.json of a checkpoint without folds/: the sibling checkpoint folder that holds the last written states
+STATES_CHECKPOINT = "states_checkpoint"
 
 # Errors that mean "the fold's process or node is gone", not "the fold's code failed".
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
@@ -163,6 +166,8 @@ class TrialSetup:
         data_summary: the driver's load summary (`detection.data.verify.summarize`), recorded in manifests.
         detector_bases: per detector key (`"<arch>/<backbone>"`), the config its trials start from instead of
             `base` (the detector's own model/train keys: `search.config.SweepConfig.detector_bases`).
+        resume_every: the checkpoint of every `resume_every`-th epoch, and of the trial's last, holds the folds'
+            resume states (`folds/`); the others only `best/` and trial.json (`search.config.CheckpointConfig`).
     """
 
     base: ExperimentConfig
@@ -172,6 +177,7 @@ class TrialSetup:
     keep_best: int = 3
     data_summary: Mapping[str, Any] | None = None
     detector_bases: Mapping[str, ExperimentConfig] = field(default_factory=dict)
+    resume_every: int = 1
 
     def base_for(self, params: Mapping[str, Any]) -> ExperimentConfig:
         """The config a trial with these sampled params starts from (its detector's, else `base`)."""
@@ -180,6 +186,8 @@ class TrialSetup:
     def __post_init__(self) -> None:
         if self.keep_best < 1:
             raise ValueError(f"`keep_best >= 1` must hold, but got ({self.keep_best=}).")
+        if self.resume_every < 1:
+            raise ValueError(f"`resume_every >= 1` must hold, but got ({self.resume_every=}).")
         if not str(self.split_path):
             raise ValueError("TrialSetup.split_path must name the experiment's split.json, but got ''.")
 
@@ -312,7 +320,9 @@ def rank_best(best: Mapping[int, BestModel], keep: int) -> list[BestModel]:
 class TrialCheckpoint:
     """What one checkpoint of a trial holds (see `write_trial_checkpoint`)."""
 
-    fold_states: list[bytes]  # fold k's FoldTrainer.state_dict(), torch.save bytes
+    # fold k's FoldTrainer.state_dict(), torch.save bytes; empty in a checkpoint without resume states, whose
+    # trial.json names the one that holds them (`STATES_CHECKPOINT`, see `write_trial_checkpoint`)
+    fold_states: list[bytes]
     best: list[BestModel]  # ranked, best first
     trial: dict[str, Any]  # trial.json
     predictions: dict[int, bytes] = field(default_factory=dict)  # fold -> SavedPredictions bytes (best epoch)
@@ -321,7 +331,7 @@ class TrialCheckpoint:
 def write_trial_checkpoint(
     directory: str | Path,
     *,
-    fold_states: Sequence[bytes],
+    fold_states: Sequence[bytes] | None,
     best: Sequence[BestModel],
     trial: Mapping[str, Any],
     manifest: Mapping[str, Any] | None = None,
@@ -329,7 +339,10 @@ def write_trial_checkpoint(
 ) -> Path:
     """Write one checkpoint of a trial into `directory`:
 
-        folds/fold-<k>.pt   fold k's full resume state (torch.load(..., weights_only=True) reads it)
+        folds/fold-<k>.pt   fold k's full resume state (torch.load(..., weights_only=True) reads it); left out
+                            when `fold_states` is None: trial.json's `states_checkpoint` then names the sibling
+                            checkpoint folder holding the last written states (of epoch `states_epoch`), or is
+                            null when none was written yet (a resume starts the folds afresh)
         best/rank-<r>.pt    the r-th best fold model's state_dict, r = 1..len(best)
         best/oof-fold-<k>.pt  fold k's validation predictions at its best epoch (`SavedPredictions`), every fold
         best/best.json      [{rank, fold, epoch, score, map_50, f1, map, file, predictions}] best first; files
@@ -339,10 +352,14 @@ def write_trial_checkpoint(
         manifest.json       `trainables.manifest.build_trial_manifest` (when given)
     """
     directory = Path(directory)
-    (directory / FOLDS_DIR).mkdir(parents=True, exist_ok=True)
+    if fold_states is None and STATES_CHECKPOINT not in trial:
+        raise ValueError(f"A checkpoint without fold states needs trial.json's {STATES_CHECKPOINT!r} (the "
+                         "checkpoint folder holding them, or None); got none.")
     (directory / BEST_DIR).mkdir(parents=True, exist_ok=True)
-    for k, state in enumerate(fold_states):
-        (directory / FOLDS_DIR / f"fold-{k}.pt").write_bytes(state)
+    if fold_states is not None:
+        (directory / FOLDS_DIR).mkdir(parents=True, exist_ok=True)
+        for k, state in enumerate(fold_states):
+            (directory / FOLDS_DIR / f"fold-{k}.pt").write_bytes(state)
     entries = []
     for rank, model in enumerate(best, start=1):
         file = f"rank-{rank}.pt"
@@ -368,12 +385,12 @@ def read_best(directory: str | Path) -> list[dict[str, Any]]:
 
 
 def read_trial_checkpoint(directory: str | Path) -> TrialCheckpoint:
-    """Read back what `write_trial_checkpoint` wrote."""
+    """Read back what `write_trial_checkpoint` wrote (`fold_states` empty for a checkpoint without them)."""
     directory = Path(directory)
     trial = json.loads((directory / TRIAL_JSON).read_text())
     num_folds = int(trial["num_folds"])
     states = []
-    for k in range(num_folds):
+    for k in range(num_folds if not (STATES_CHECKPOINT in trial and not (directory / FOLDS_DIR).is_dir()) else 0):
         path = directory / FOLDS_DIR / f"fold-{k}.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; the checkpoint's trial.json says num_folds={num_folds}.")
@@ -442,6 +459,13 @@ class _Trial:
         self.fold_info: list[dict[str, Any] | None] = [None] * self.num_folds  # FoldWorker.info()
         self.epoch = 0  # epochs completed by every fold
         self.resumed_epoch = 0  # the epoch of the checkpoint this run started from (0: a fresh trial)
+        # The last fold states on storage: their epoch and checkpoint folder (None: none written yet).
+        self.states_epoch = 0
+        self.states_checkpoint: str | None = None
+        # Resumed from a checkpoint without fold states: the folds rerun epochs up to this one unreported
+        # (Tune already has their results), so that `epoch` stays Tune's `training_iteration`.
+        self.catch_up_to = 0
+        self.improved = False  # some fold's best model changed in the latest epoch
         self.stopped = False  # every fold's early stopping has fired
         self.oof_threshold = 0.5  # F1-optimal on the pooled out-of-fold predictions (updated every epoch)
         self.manifest = build_trial_manifest(
@@ -474,16 +498,32 @@ class _Trial:
 
     def start(self) -> None:
         checkpoint = tune.get_checkpoint()
+        restored = None
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
                 restored = read_trial_checkpoint(directory)
+            self.states_checkpoint = PurePosixPath(checkpoint.path).name
+            if not restored.fold_states:
+                # Written between two resume states: go back to the last one and rerun the epochs since.
+                self.catch_up_to = int(restored.trial["epoch"])
+                self.states_checkpoint = restored.trial[STATES_CHECKPOINT]
+                restored = None
+                if self.states_checkpoint is not None:
+                    source = tune.Checkpoint(path=str(PurePosixPath(checkpoint.path).parent / self.states_checkpoint),
+                                             filesystem=checkpoint.filesystem)
+                    with source.as_directory() as directory:
+                        restored = read_trial_checkpoint(directory)
+                logger.info("trial %s: its checkpoint of epoch %d holds no fold states; resuming from %s and "
+                            "rerunning the epochs up to %d unreported", self.trial_id, self.catch_up_to,
+                            self.states_checkpoint or "the start", self.catch_up_to)
+        if restored is not None:
             if len(restored.fold_states) != self.num_folds:
                 raise ValueError(f"The checkpoint holds {len(restored.fold_states)} folds, but the split "
                                  f"{self.setup.split_path} has {self.num_folds}; expected the same experiment.")
             self.states = list(restored.fold_states)
             self.best = {b.fold: b for b in restored.best}
             self.predictions = dict(restored.predictions)
-            self.epoch = self.resumed_epoch = int(restored.trial["epoch"])
+            self.epoch = self.resumed_epoch = self.states_epoch = int(restored.trial["epoch"])
             self.stopped = bool(restored.trial.get("stopped", False))
             logger.info("trial %s: resuming after epoch %d from its checkpoint", self.trial_id, self.epoch)
         self.workers = [self._spawn(k) for k in range(self.num_folds)]
@@ -560,6 +600,7 @@ class _Trial:
         self.epoch += 1
         per_fold = []
         extras: dict[str, Any] = {}
+        self.improved = any(r["best"] is not None for r in results)
         for k, r in enumerate(results):
             train, evaluation = r["train"], r["eval"]
             self.states[k] = r["state"]
@@ -624,19 +665,37 @@ class _Trial:
             "epoch": self.epoch,
             "stopped": self.stopped,
             "num_folds": self.num_folds,
+            "states_epoch": self.states_epoch,  # the epoch of the last fold states written (this checkpoint's, or
+            STATES_CHECKPOINT: self.states_checkpoint,  # ... this sibling's, when it has no folds/)
             "split_hash": self.split.hash,
             "config": self.config.to_dict(),
         }
 
     def report(self, metrics: dict[str, Any]) -> None:
+        """Report the epoch with a checkpoint when it has something new to keep: the folds' resume states every
+        `resume_every` epochs and on the trial's last epoch, else `best/` alone when a fold's best model
+        changed, else nothing (the latest checkpoint still holds the trial's best models)."""
+        with_states = bool(metrics["finished"]) or self.epoch % self.setup.resume_every == 0
+        # Tune keeps the latest checkpoint and the best one by this score: the latest with fold states.
+        metrics["resume_state_epoch"] = self.epoch if with_states else 0
+        if not (with_states or self.improved):
+            metrics["checkpoint_write_s"], metrics["checkpoint_bytes"] = 0.0, 0
+            tune.report(metrics)
+            return
+        if with_states:
+            self.states_epoch, self.states_checkpoint = self.epoch, None
         ranked = rank_best(self.best, self.setup.keep_best)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"{self.trial_id}-checkpoint-") as directory:
-            write_trial_checkpoint(directory, fold_states=self.states, best=ranked, trial=self.trial_json(),
-                                   manifest=self.manifest, predictions=self.predictions)
+            write_trial_checkpoint(directory, fold_states=self.states if with_states else None, best=ranked,
+                                   trial=self.trial_json(), manifest=self.manifest, predictions=self.predictions)
             metrics["checkpoint_write_s"] = time.perf_counter() - started
+            metrics["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
             # Tune copies the folder to the experiment's storage before report returns.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        if with_states:
+            persisted = tune.get_checkpoint()  # the folder Tune just wrote (checkpoint_<n>)
+            self.states_checkpoint = PurePosixPath(persisted.path).name if persisted is not None else None
 
     def run(self) -> None:
         self.start()
@@ -645,6 +704,8 @@ class _Trial:
             results = self.run_epoch()
             metrics = self.update(results)
             metrics["epoch_time_s"] = time.perf_counter() - started
+            if self.epoch <= self.catch_up_to and not metrics["finished"]:
+                continue  # rerun after resuming from older fold states: Tune has this epoch's results
             self.report(metrics)
         if self.stopped:
             logger.info("trial %s: every fold stopped early after epoch %d", self.trial_id, self.epoch)
