@@ -63,6 +63,7 @@ def detection_metrics(
     score_threshold: float | None,
     class_names: Sequence[str],
     max_detections: int = MAX_DETECTIONS,
+    matches: Matches | None = None,
 ) -> dict[str, float]:
     """All validation metrics of one split, as plain floats.
 
@@ -82,6 +83,7 @@ def detection_metrics(
         class_names: name of label ``i + 1`` at index ``i``.
         max_detections: highest-scored detections per image that mAP counts (see
             :data:`MAX_DETECTIONS`); F1 counts every detection above the threshold.
+        matches: :func:`match_predictions` of these predictions, when the caller has it already.
 
     Returns:
         ``map, map_50, map_75, f1, precision, recall, score`` and ``ap/<name>``, ``ap_50/<name>``
@@ -89,9 +91,11 @@ def detection_metrics(
     """
     _check_inputs(preds, targets)
     result = mean_average_precision(preds, targets, class_names=class_names, max_detections=max_detections)
+    if matches is None:
+        matches = match_predictions(preds, targets, iou_threshold=0.5)
     if score_threshold is None:
-        score_threshold = best_f1_threshold(preds, targets, iou_threshold=0.5)
-    precision, recall, f1 = f1_at_iou(preds, targets, score_threshold=score_threshold, iou_threshold=0.5)
+        score_threshold = matches.best_f1()[0]
+    precision, recall, f1 = matches.at(score_threshold)
     result.update(f1=f1, precision=precision, recall=recall, score_threshold=float(score_threshold))
     result["score"] = 0.5 * result["map_50"] + 0.5 * f1
     return result
@@ -251,14 +255,19 @@ class Matches:
         best = int(np.flatnonzero(f1 == f1.max())[0])  # thresholds descend: the first is the highest
         return float(thresholds[best]), float(f1[best])
 
-    def f1_at(self, score_threshold: float) -> float:
-        """F1 of the predictions with ``score >= score_threshold`` (equals :func:`f1_at_iou`)."""
+    def at(self, score_threshold: float) -> tuple[float, float, float]:
+        """``(precision, recall, f1)`` of the predictions with ``score >= score_threshold`` (what
+        :func:`f1_at_iou` gives at that threshold)."""
         keep = self.scores >= np.float32(score_threshold)  # as torch compares float32 scores with a Python float
         tp = int((self.is_tp & keep).sum())
         fp = int((~self.is_tp & self.counted & keep).sum())
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / self.num_gt if self.num_gt else 0.0
-        return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return precision, recall, 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+    def f1_at(self, score_threshold: float) -> float:
+        """F1 of the predictions with ``score >= score_threshold`` (equals :func:`f1_at_iou`)."""
+        return self.at(score_threshold)[2]
 
 
 def match_predictions(

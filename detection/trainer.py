@@ -29,8 +29,8 @@ from detection.engine import (
     train_one_epoch,
 )
 from detection.metrics import detection_metrics, match_predictions
-from detection.predictions import SavedPredictions
 from detection.models.factory import build_detector, set_image_size
+from detection.predictions import SavedPredictions
 
 
 def seed_everything(seed: int) -> None:
@@ -191,13 +191,14 @@ class FoldTrainer:
         loader = DataLoader(self.val_set, batch_size=self.config.train.eval_batch_size, shuffle=False,
                             num_workers=self.config.data.num_workers, collate_fn=collate_detection)
         preds, targets = collect_predictions(self.model, loader, device=self.device)
+        matches = match_predictions(preds, targets)  # once: F1 below and the saved out-of-fold predictions
         metrics = detection_metrics(preds, targets, score_threshold=self.config.train.score_threshold,
-                                    class_names=self.index.class_names)
+                                    class_names=self.index.class_names, matches=matches)
         score = metrics["score"]
         self.improved = score > self.best_score
         if self.improved:
             self.best_score, self.best_epoch = score, self.epoch
-            self.best_predictions = SavedPredictions(self.val_set.ids, preds, match_predictions(preds, targets))
+            self.best_predictions = SavedPredictions(self.val_set.ids, preds, matches)
         if self.early_stopping is not None:
             self.should_stop = self.early_stopping.step(score)
         return {**metrics, "epoch": self.epoch, "eval_time_s": time.perf_counter() - start}
