@@ -76,6 +76,7 @@ __all__ = [
     "TrialSetup",
     "aggregate_fold_metrics",
     "apply_trial_params",
+    "checkpoint_contents",
     "failure_reason",
     "oof_file",
     "pooled_oof_threshold",
@@ -405,6 +406,14 @@ def read_trial_checkpoint(directory: str | Path) -> TrialCheckpoint:
     return TrialCheckpoint(fold_states=states, best=best, trial=trial, predictions=predictions)
 
 
+def checkpoint_contents(epoch: int, *, resume_every: int, finished: bool, improved: bool) -> str | None:
+    """What the checkpoint of this epoch holds: "states" (folds/ + best/: every `resume_every`-th epoch and the
+    trial's last), "best" (best/ only: a fold's best model changed), or None (no checkpoint)."""
+    if finished or epoch % resume_every == 0:
+        return "states"
+    return "best" if improved else None
+
+
 # -------------------------------------------------------------------------------------- the trial
 
 
@@ -675,10 +684,12 @@ class _Trial:
         """Report the epoch with a checkpoint when it has something new to keep: the folds' resume states every
         `resume_every` epochs and on the trial's last epoch, else `best/` alone when a fold's best model
         changed, else nothing (the latest checkpoint still holds the trial's best models)."""
-        with_states = bool(metrics["finished"]) or self.epoch % self.setup.resume_every == 0
+        what = checkpoint_contents(self.epoch, resume_every=self.setup.resume_every,
+                                   finished=bool(metrics["finished"]), improved=self.improved)
+        with_states = what == "states"
         # Tune keeps the latest checkpoint and the best one by this score: the latest with fold states.
         metrics["resume_state_epoch"] = self.epoch if with_states else 0
-        if not (with_states or self.improved):
+        if what is None:
             metrics["checkpoint_write_s"], metrics["checkpoint_bytes"] = 0.0, 0
             tune.report(metrics)
             return
