@@ -122,7 +122,7 @@ def test_killed_driver_then_resume_completes_without_duplicate_work(tmp_path, de
 
     rows = sweep_status(experiment)
     assert len(rows) == NUM_SAMPLES and {r.status for r in rows} == {"TERMINATED"}
-    assert all(r.epochs == EPOCHS and r.score_mean is not None for r in rows)
+    assert all(r.epochs == EPOCHS and r.score_mean is not None and r.cv_score is not None for r in rows)
     assert f"{NUM_SAMPLES}/{NUM_SAMPLES} trials: {NUM_SAMPLES} terminated" in subprocess.run(
         [sys.executable, "-m", "search.cli", "status", str(experiment)], cwd=REPO, env=env, capture_output=True,
         text=True, timeout=120, check=True).stdout
@@ -139,4 +139,4 @@ def test_killed_driver_then_resume_completes_without_duplicate_work(tmp_path, de
     for t in study.trials:
         row = by_id[t.user_attrs["tune_trial_id"]]
         assert (t.params["lr"], t.params["batch_size"]) == (pytest.approx(row.lr), row.batch_size)
-        assert t.value == pytest.approx(row.score_mean)  # the last reported score_mean
+        assert t.value == pytest.approx(row.cv_score)  # the last reported cv_score (search.metric)
