@@ -170,7 +170,9 @@ def test_checkpoint_holds_fold_states_and_ranked_best_models(sweep: Sweep) -> No
         assert sorted(e["fold"] for e in entries) == [0, 1]  # one model per fold
         assert [e["rank"] for e in entries] == [1, 2]
         assert entries[0]["score"] >= entries[1]["score"]
-        assert sorted(p.name for p in (directory / "best").iterdir()) == ["best.json", "rank-1.pt", "rank-2.pt"]
+        # + every fold's out-of-fold validation predictions at its best epoch
+        assert sorted(p.name for p in (directory / "best").iterdir()) == ["best.json", "oof-fold-0.pt", "oof-fold-1.pt",
+                                                                          "rank-1.pt", "rank-2.pt"]
         history = result.metrics_dataframe
         for entry in entries:
             weights = torch.load(directory / "best" / entry["file"], weights_only=True)
