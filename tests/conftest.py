@@ -123,9 +123,10 @@ def finished_sweep(deepforest_root: Path, tmp_path_factory: pytest.TempPathFacto
     (real embedded local Ray, real DeepForest tiles, the ensemble job at the end).
 
     2 trials x 2 folds x 2 epochs of Faster R-CNN/MobileNetV2 (no pretrained weights) at 128 px on 8 tiles
-    (2 held out), score thresholds sampled in [0.01, 0.05] so that the fused ensemble keeps some boxes.
+    (2 selection, 2 test, 4 in the folds); score thresholds chosen on the trials' out-of-fold predictions.
     The folder holds everything of docs/INTERFACES.md "Experiment folder": sweep.yaml, split.json,
-    optuna.db, tune/trial_<id>/ (result.json, checkpoints with manifest.json), ensemble/<trial_id>.json,
+    optuna.db, tune/trial_<id>/ (result.json, checkpoints with manifest.json), ensemble/<trial_id>.json (and
+    greedy.json, test.json),
     leaderboard.csv/.md, best_ensemble.json (+ best_ensemble/); the sweep's console output is in
     `<experiment>/../sweep.log`. Tests must treat the folder as read-only (copy it to change it).
     """
