@@ -237,6 +237,10 @@ class SweepConfig:
         """The same sweep, small: 2 trials of 1 epoch at <= 128 px on 2 folds, one at a time."""
         size = min(self.train.image_size, 128)
         small = self.train.small_image_size
+        # A detector's own epochs and sizes would undo the small base: the base's apply to every detector.
+        sizes = {"epochs", "image_size", "small_image_size", "progressive_epochs"}
+        detectors = tuple(dataclasses.replace(d, train={k: v for k, v in d.train.items() if k not in sizes})
+                          for d in self.search.space.detectors)
         return dataclasses.replace(
             self,
             data=dataclasses.replace(self.data, num_folds=2),
@@ -244,7 +248,8 @@ class SweepConfig:
                                       small_image_size=None if small is None else min(small, size)),
             search=dataclasses.replace(self.search, num_samples=min(self.search.num_samples, 2),
                                        max_concurrent_trials=1,
-                                       asha=dataclasses.replace(self.search.asha, grace_period=1)),
+                                       asha=dataclasses.replace(self.search.asha, grace_period=1),
+                                       space=dataclasses.replace(self.search.space, detectors=detectors)),
         )
 
     def to_dict(self) -> dict[str, Any]:

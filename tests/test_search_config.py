@@ -86,7 +86,11 @@ def test_smoke_test_is_the_same_sweep_small(coco_json):
     cfg = sweep_config_from_dict(demo_dict(coco_json)).smoke_test().validate()
     assert (cfg.train.epochs, cfg.search.num_samples, cfg.data.num_folds) == (1, 2, 2)
     assert cfg.train.image_size == 128  # min(320, 128)
-    assert cfg.detectors == sweep_config_from_dict(demo_dict(coco_json)).detectors
+    assert [d.key for d in cfg.detectors] == [d.key for d in sweep_config_from_dict(demo_dict(coco_json)).detectors]
+    # Every detector trains the smoke test's 1 epoch at 128 px, whatever its own epochs; its other keys stay.
+    bases = cfg.detector_bases
+    assert {(b.train.epochs, b.train.image_size) for b in bases.values()} == {(1, 128)}
+    assert bases["fcos_tal/tf_efficientnet_lite0"].train.optimizer == "adamw"
 
 
 BAD_CASES = [
