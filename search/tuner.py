@@ -274,9 +274,9 @@ def build_scheduler(config: SweepConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     asha = config.search.asha
+    max_t = max(base.train.epochs for base in config.detector_bases.values())  # a detector may train longer
     return ASHAScheduler(time_attr="training_iteration", metric=config.search.metric, mode=config.search.mode,
-                         max_t=config.train.epochs, grace_period=asha.grace_period,
-                         reduction_factor=asha.reduction_factor)
+                         max_t=max_t, grace_period=asha.grace_period, reduction_factor=asha.reduction_factor)
 
 
 def sweep_trial(config: dict[str, Any], *, setup: Any) -> None:
