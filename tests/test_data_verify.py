@@ -159,16 +159,39 @@ def test_cache_answers_a_second_check_and_follows_changes(forest):
     assert verify_images(index.images, mode="decode", cache_path=cache).inspected == 0
 
 
-def test_read_only_dataset_caches_in_the_fallback_folder(tmp_path):
-    data = tmp_path / "data"
+def test_read_only_dataset_caches_in_the_fallback_folder():
+    # A dataset folder the sweep's user cannot write. Root may write anywhere, so when the tests run as root
+    # the check runs in a forked process that dropped to the unprivileged user `nobody`, as a user's sweep
+    # would run (fork: the code is already loaded, nothing is read from root's home).
+    import multiprocessing
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="detsweep-ro-", dir="/tmp"))  # a folder every user may enter
+    os.chmod(top, 0o755)
+    data, writable_data, experiment = top / "data", top / "writable", top / "experiment"
     data.mkdir()
+    writable_data.mkdir()
     os.chmod(data, 0o555)
+    os.chmod(writable_data, 0o777)
+    answers = multiprocessing.get_context("fork").Queue()
+
+    def check() -> None:
+        if os.geteuid() == 0:
+            os.setgid(65534)
+            os.setuid(65534)
+        answers.put((str(default_cache_path(data, experiment)), str(default_cache_path(writable_data, experiment))))
+
     try:
-        if os.access(data, os.W_OK):
-            pytest.skip("running as root: every folder is writable")
-        assert default_cache_path(data, tmp_path / "experiment") == tmp_path / "experiment" / CACHE_FILE
+        child = multiprocessing.get_context("fork").Process(target=check)
+        child.start()
+        read_only_cache, writable_cache = answers.get(timeout=60)
+        child.join(timeout=60)
     finally:
         os.chmod(data, 0o755)
+        shutil.rmtree(top)
+    assert child.exitcode == 0
+    assert read_only_cache == str(experiment / CACHE_FILE)  # the experiment folder takes the cache
+    assert writable_cache == str(writable_data / CACHE_FILE)  # the same user beside a writable dataset
 
 
 def test_parallel_check_equals_serial(tmp_path, coco_writer):
