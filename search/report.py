@@ -272,7 +272,9 @@ def _section_optuna(experiment_dir: Path) -> str:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        axes = optuna_mpl.plot_optimization_history(study, target_name="score_mean")
+        # The study's own metric name (the sweep's `search.metric`, e.g. cv_score), as the dashboard shows it.
+        target = (study.metric_names or ["value"])[0]
+        axes = optuna_mpl.plot_optimization_history(study, target_name=target)
         parts.append(_img(_data_uri(_close(axes)), "Optuna optimization history", css="half"))
         try:
             # Seeded fANOVA: the same study gives the same importances in the table and the plot.
