@@ -172,23 +172,7 @@ def f1_at_iou(
         ``(precision, recall, f1)`` with ``precision = TP / (TP + FP)``, ``recall = TP / (TP + FN)``,
         ``f1 = 2 * precision * recall / (precision + recall)``.
     """
-    _check_inputs(preds, targets)
-    _check_iou_threshold(iou_threshold)
-    tp = fp = fn = 0
-    for pred, target in zip(preds, targets):
-        pred = _as_pred(pred)
-        keep = pred["scores"] >= score_threshold
-        is_tp, ignored, num_gt = _match_image(
-            pred["boxes"][keep], pred["scores"][keep], pred["labels"][keep], _as_target(target), iou_threshold
-        )
-        n_tp = int(is_tp.sum())
-        tp += n_tp
-        fp += int((~is_tp & ~ignored).sum())
-        fn += num_gt - n_tp
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1
+    return match_predictions(preds, targets, iou_threshold=iou_threshold).at(score_threshold)
 
 
 @dataclass(frozen=True)
@@ -234,12 +218,12 @@ class Matches:
         recall = cum_tp / self.num_gt if self.num_gt else np.zeros(len(self.scores))
         return precision, recall.astype(np.float64), self.scores.copy()
 
-    def best_f1(self, *, floor: float = 0.0) -> tuple[float, float]:
+    def best_f1(self) -> tuple[float, float]:
         """``(threshold, f1)``: the score threshold with the highest F1 and that F1.
 
         Every distinct score is a candidate (F1 only changes where a prediction enters), so no threshold
         gives a higher F1 on the same predictions. Ties go to the higher threshold (fewer boxes, same F1).
-        Without predictions, or when nothing matches, ``(0.5, 0.0)``. Candidates below ``floor`` are skipped.
+        Without predictions, or when nothing matches, ``(0.5, 0.0)``.
         """
         precision, recall, thresholds = self.curve()
         if not len(thresholds):
@@ -249,15 +233,16 @@ class Matches:
         # Point j counts every prediction with score >= thresholds[j]; among equal scores only the last
         # point of the run is a threshold that can actually be applied.
         last_of_run = np.append(thresholds[1:] != thresholds[:-1], True)
-        f1 = np.where(last_of_run & (thresholds >= floor), f1, -1.0)
+        f1 = np.where(last_of_run, f1, -1.0)
         if f1.max() <= 0:
             return 0.5, 0.0
         best = int(np.flatnonzero(f1 == f1.max())[0])  # thresholds descend: the first is the highest
         return float(thresholds[best]), float(f1[best])
 
     def at(self, score_threshold: float) -> tuple[float, float, float]:
-        """``(precision, recall, f1)`` of the predictions with ``score >= score_threshold`` (what
-        :func:`f1_at_iou` gives at that threshold)."""
+        """``(precision, recall, f1)`` of the predictions with ``score >= score_threshold``; an undefined
+        ratio (0/0) is 0.0. (Greedy matching in score order: a lower-scored box never changes an earlier
+        match, so matching all boxes once and cutting afterwards equals matching the kept boxes.)"""
         keep = self.scores >= np.float32(score_threshold)  # as torch compares float32 scores with a Python float
         tp = int((self.is_tp & keep).sum())
         fp = int((~self.is_tp & self.counted & keep).sum())
@@ -266,7 +251,7 @@ class Matches:
         return precision, recall, 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
     def f1_at(self, score_threshold: float) -> float:
-        """F1 of the predictions with ``score >= score_threshold`` (equals :func:`f1_at_iou`)."""
+        """F1 of the predictions with ``score >= score_threshold``."""
         return self.at(score_threshold)[2]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,13 +67,9 @@ class SavedPredictions:
         return cls(payload["image_ids"].tolist(), preds, matches)
 
 
-def save_predictions(path, predictions: SavedPredictions) -> None:
-    from pathlib import Path
-
+def save_predictions(path: str | Path, predictions: SavedPredictions) -> None:
     Path(path).write_bytes(predictions.to_bytes())
 
 
-def load_predictions(path) -> SavedPredictions:
-    from pathlib import Path
-
+def load_predictions(path: str | Path) -> SavedPredictions:
     return SavedPredictions.from_bytes(Path(path).read_bytes())

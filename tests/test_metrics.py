@@ -255,7 +255,9 @@ def test_best_f1_threshold_hand_computed_and_no_sampled_threshold_beats_it():
     assert threshold == pytest.approx(0.2) and f1 == pytest.approx(0.6)
     for sampled in np.linspace(0.0, 1.0, 201):  # what a sampled `score_threshold` could have been
         assert f1 >= f1_at_iou(preds, targets, score_threshold=float(sampled))[2] - 1e-12
-        assert matches.f1_at(float(sampled)) == pytest.approx(f1_at_iou(preds, targets, score_threshold=float(sampled))[2])
+        # Cutting after one matching of every box equals matching only the kept boxes.
+        kept = [{k: p[k][p["scores"] >= float(sampled)] for k in ("boxes", "scores", "labels")} for p in preds]
+        assert matches.f1_at(float(sampled)) == pytest.approx(match_predictions(kept, targets).at(-1.0)[2])
     result = detection_metrics(preds, targets, score_threshold=None, class_names=CLASS_NAMES)
     assert result["score_threshold"] == pytest.approx(0.2) and result["f1"] == pytest.approx(0.6)
     # Nothing to match: the fallback cut 0.5 with F1 0.
