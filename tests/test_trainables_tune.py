@@ -19,7 +19,9 @@ from detection.config import DataConfig, ExperimentConfig, ModelConfig, TrainCon
 from detection.data.splits import Split
 from search.config import ResourcesConfig
 from trainables.fold_worker import FoldWorker
-from trainables.trial import TrialFailed, TrialSetup, failure_reason, train_trial, trial_resources
+from trainables.trial import (
+    TrialFailed, TrialSetup, checkpoint_staging_dir, failure_reason, train_trial, trial_resources,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -156,6 +158,8 @@ def test_trial_resumes_from_its_checkpoint_after_its_coordinator_dies(
     assert killer.killed not in history["coordinator_pid"].tolist()[1:]
     state = torch.load(Path(result.checkpoint.path) / "folds" / "fold-0.pt", weights_only=True)
     assert state["epoch"] == len(history)
+    # The killed coordinator's half-written checkpoint folder went with the restarted one's next report.
+    assert not checkpoint_staging_dir(result.metrics["trial_id"]).exists()
 
     # Early stopping with patience 1, across the restart: fold k stops at epoch e >= 2 when its score did
     # not beat its best so far, and the trial ends at the first epoch where every fold has stopped.

@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -327,6 +328,11 @@ class TrialCheckpoint:
     best: list[BestModel]  # ranked, best first
     trial: dict[str, Any]  # trial.json
     predictions: dict[int, bytes] = field(default_factory=dict)  # fold -> SavedPredictions bytes (best epoch)
+
+
+def checkpoint_staging_dir(trial_id: str) -> Path:
+    """The local folder a trial's checkpoint is written to before Tune copies it to storage (one per trial)."""
+    return Path(tempfile.gettempdir()) / "detsweep-checkpoint-staging" / trial_id
 
 
 def write_trial_checkpoint(
@@ -697,13 +703,20 @@ class _Trial:
             self.states_epoch, self.states_checkpoint = self.epoch, None
         ranked = rank_best(self.best, self.setup.keep_best)
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix=f"{self.trial_id}-checkpoint-") as directory:
+        # One staging folder per trial, emptied first: a coordinator killed mid-write (spot loss, a test's kill)
+        # leaves its folder behind, and the restarted coordinator of the same trial removes it here.
+        directory = checkpoint_staging_dir(self.trial_id)
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        try:
             write_trial_checkpoint(directory, fold_states=self.states if with_states else None, best=ranked,
                                    trial=self.trial_json(), manifest=self.manifest, predictions=self.predictions)
             metrics["checkpoint_write_s"] = time.perf_counter() - started
-            metrics["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+            metrics["checkpoint_bytes"] = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
             # Tune copies the folder to the experiment's storage before report returns.
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(directory)))
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
         if with_states:
             persisted = tune.get_checkpoint()  # the folder Tune just wrote (checkpoint_<n>)
             self.states_checkpoint = PurePosixPath(persisted.path).name if persisted is not None else None
