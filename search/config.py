@@ -33,7 +33,6 @@ __all__ = [
     "EnsembleConfig",
     "FailurePolicy",
     "FloatRange",
-    "METRIC_NAMES",
     "ResourcesConfig",
     "SearchConfig",
     "SpaceConfig",
@@ -43,8 +42,6 @@ __all__ = [
     "sweep_config_from_dict",
 ]
 
-# What every trial reports each epoch (trainables/): `<m>_mean`, `<m>_std`, per-fold `fold<k>/<m>`.
-METRIC_NAMES = ("map", "map_50", "map_75", "f1", "score", "loss")
 # ensemble_boxes.weighted_boxes_fusion's `conf_type` values.
 WBF_CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
 
@@ -322,7 +319,9 @@ def _validate_search(search: SearchConfig, train: TrainConfig, where: str) -> No
     _check(search.num_samples >= 1, where, "search.num_samples", f"an integer >= 1, got {search.num_samples}")
     _check(search.max_concurrent_trials >= 1, where, "search.max_concurrent_trials",
            f"an integer >= 1, got {search.max_concurrent_trials}")
-    allowed = ["cv_score"] + [f"{m}_{s}" for m in METRIC_NAMES for s in ("mean", "std")] + ["best_score", "oof_f1"]
+    from trainables.trial import FOLD_METRICS
+
+    allowed = ["cv_score"] + [f"{m}_{s}" for m in FOLD_METRICS for s in ("mean", "std")] + ["best_score", "oof_f1"]
     _check(search.metric in allowed, where, "search.metric", f"one of {allowed}, got {search.metric!r}")
     _check(search.n_startup_trials >= 0, where, "search.n_startup_trials", f">= 0, got {search.n_startup_trials}")
     if search.scheduler == "asha":

@@ -15,7 +15,7 @@ detector, and TPE (with `group=True`) models such conditional parameters on the 
 (Optuna would let one name `lr` change its range between trials, but TPE then models one name as one
 distribution and silently falls back to independent sampling when a proposal leaves the current range.)
 The space returns `{"lr": value}` so that the trial config always has `lr` (OptunaSearch merges the
-returned dict over the suggested values); `search.tuner.sweep_trial` hands only `PARAM_KEYS` on.
+returned dict over the suggested values); `search.tuner.sweep_trial` hands only `trainables.trial.TRIAL_PARAMS` on.
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ from search.config import DetectorChoice, FloatRange, SweepConfig
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["PARAM_KEYS", "DetectorSpace", "build_search_space", "lr_param_name"]
-
-# The trial config keys the trainable reads (trainables.trial.apply_trial_params).
-PARAM_KEYS = ("detector", "lr", "batch_size", "score_threshold")
+__all__ = ["DetectorSpace", "build_search_space", "lr_param_name"]
 
 
 def lr_param_name(choice: DetectorChoice, *, num_detectors: int) -> str:

@@ -9,9 +9,10 @@ import optuna
 import pytest
 
 from search.config import DetectorChoice, FloatRange, SweepConfig, sweep_config_from_dict
-from search.space import PARAM_KEYS, DetectorSpace, build_search_space, lr_param_name
+from search.space import DetectorSpace, build_search_space, lr_param_name
 from detection.config import ConfigError
 from search.tuner import OPTUNA_DB, TUNE_DIR, build_searcher, optuna_storage_url, write_optuna_db
+from trainables.trial import TRIAL_PARAMS
 
 SPACE = DetectorSpace(
     detectors=(DetectorChoice("faster_rcnn", "mobilenet_v2"),
@@ -54,7 +55,7 @@ def test_space_samples_valid_values_with_a_real_study():
         trial = study.ask()
         returned = SPACE(trial)
         config = {**trial.params, **returned}  # what OptunaSearch hands the trainable
-        assert set(PARAM_KEYS) <= set(config)
+        assert set(TRIAL_PARAMS) <= set(config)
         choice = {d.key: d for d in SPACE.detectors}[config["detector"]]
         lr_range = choice.lr or SPACE.lr
         assert lr_range.low <= config["lr"] <= lr_range.high
@@ -85,9 +86,8 @@ def test_single_detector_and_single_batch_size():
 
 
 def test_param_keys_are_what_the_trainable_reads():
-    from trainables.trial import TRIAL_PARAMS
-
-    assert PARAM_KEYS == TRIAL_PARAMS
+    # The space suggests these four (the module docstring of search/space.py); TRIAL_PARAMS is their one definition.
+    assert TRIAL_PARAMS == ("detector", "lr", "batch_size", "score_threshold")
 
 
 def test_empty_space_is_refused():
@@ -105,11 +105,11 @@ def test_searcher_state_survives_a_pickle_and_exports_to_optuna_db(tmp_path):
     limiter = build_searcher(config, study_name="s")
     first = limiter.suggest("t1")
     # The default space samples no score threshold: each trial's is chosen on its out-of-fold predictions.
-    assert set(first) == set(PARAM_KEYS) - {"score_threshold"}
+    assert set(first) == set(TRIAL_PARAMS) - {"score_threshold"}
     limiter.on_trial_result("t1", {"cv_score": 0.25, "training_iteration": 1, "finished": 0})
     assert limiter.suggest("t2") is None  # max_concurrent_trials = 1 (the default)
     limiter.on_trial_complete("t1", {"cv_score": 0.5, "training_iteration": 2, "finished": 1})
-    assert set(limiter.suggest("t2")) == set(PARAM_KEYS) - {"score_threshold"}
+    assert set(limiter.suggest("t2")) == set(TRIAL_PARAMS) - {"score_threshold"}
     (tmp_path / TUNE_DIR).mkdir()
     limiter.searcher.save_to_dir(str(tmp_path / TUNE_DIR), session_str="a")  # what Tune does each snapshot
 
@@ -118,7 +118,7 @@ def test_searcher_state_survives_a_pickle_and_exports_to_optuna_db(tmp_path):
     # t2 stopped by a scheduler after epoch 1 of 2: its last result lacks the trial's own `finished: 1`.
     restored.on_trial_result("t2", {"cv_score": 0.75, "training_iteration": 1, "finished": 0})
     restored.on_trial_complete("t2", {"cv_score": 0.75, "training_iteration": 1, "finished": 0})
-    assert set(restored.suggest("t3")) == set(PARAM_KEYS) - {"score_threshold"}
+    assert set(restored.suggest("t3")) == set(TRIAL_PARAMS) - {"score_threshold"}
     restored.save_to_dir(str(tmp_path / TUNE_DIR), session_str="b")  # the newer session wins
 
     C, F, P = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED

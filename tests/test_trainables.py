@@ -18,7 +18,7 @@ from detection.predictions import SavedPredictions
 from search.config import ResourcesConfig
 from trainables.fold_worker import FoldWorker, pick_device, state_from_bytes, state_to_bytes
 from trainables.trial import (
-    METRICS,
+    FOLD_METRICS,
     BestModel,
     TrialSetup,
     aggregate_fold_metrics,
@@ -165,12 +165,12 @@ def test_aggregate_fold_metrics_mean_std_and_per_fold() -> None:
     # loss: mean 1.5, std sqrt((0.25 + 0.25) / 2) = 0.5
     assert out["loss_mean"] == pytest.approx(1.5) and out["loss_std"] == pytest.approx(0.5)
     assert out["fold1/map_50"] == 0.6 and out["fold0/f1"] == 0.4
-    assert set(out) == {f"{m}_{s}" for m in METRICS for s in ("mean", "std")} | {
-        f"fold{k}/{m}" for k in range(2) for m in METRICS}
+    assert set(out) == {f"{m}_{s}" for m in FOLD_METRICS for s in ("mean", "std")} | {
+        f"fold{k}/{m}" for k in range(2) for m in FOLD_METRICS}
 
 
 def test_aggregate_fold_metrics_single_fold_has_zero_std() -> None:
-    out = aggregate_fold_metrics([{m: 0.25 for m in METRICS}])
+    out = aggregate_fold_metrics([{m: 0.25 for m in FOLD_METRICS}])
     assert out["map_mean"] == 0.25 and out["map_std"] == 0.0
 
 
@@ -178,7 +178,7 @@ def test_aggregate_fold_metrics_rejects_no_folds_and_missing_metric() -> None:
     with pytest.raises(ValueError, match="at least one fold"):
         aggregate_fold_metrics([])
     with pytest.raises(ValueError, match="'loss'.*fold 1"):
-        aggregate_fold_metrics([{m: 0.0 for m in METRICS}, {m: 0.0 for m in METRICS if m != "loss"}])
+        aggregate_fold_metrics([{m: 0.0 for m in FOLD_METRICS}, {m: 0.0 for m in FOLD_METRICS if m != "loss"}])
 
 
 # ------------------------------------------------------------------------------ best and checkpoint

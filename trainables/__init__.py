@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from trainables.fold_worker import FoldWorker, pick_device, state_from_bytes, state_to_bytes
 from trainables.trial import (
-    METRICS,
+    FOLD_METRICS,
     TRIAL_PARAMS,
     BestModel,
     TrialFailed,
@@ -23,7 +23,7 @@ from trainables.trial import (
 )
 
 __all__ = [
-    "METRICS",
+    "FOLD_METRICS",
     "TRIAL_PARAMS",
     "BestModel",
     "FoldWorker",

@@ -7,7 +7,7 @@ small coordinator (this function), bundles 1..K hold one `FoldWorker` actor each
 1. submits `train_epoch`, `evaluate`, `state_bytes` and `best_outputs` to every fold (actor tasks run in
    order, so a fold evaluates right after it trains, and folds run in parallel),
 2. gathers the results (`ray.wait`, so a lost fold is replaced as soon as its loss shows),
-3. reports once: `<m>_mean`, `<m>_std` and `fold<k>/<m>` for m in `METRICS`, `epoch` (1-based, equal
+3. reports once: `<m>_mean`, `<m>_std` and `fold<k>/<m>` for m in `FOLD_METRICS`, `epoch` (1-based, equal
    to Tune's `training_iteration`), `cv_score` (the fold mean of each fold's best epoch score: the score
    of the models the trial keeps, what the search is told), `oof_threshold`/`oof_f1` (the F1-optimal
    score threshold on the pooled out-of-fold predictions of those best epochs), `finished` (1 on the
@@ -64,8 +64,8 @@ __all__ = [
     "BEST_JSON",
     "DATA_ERROR",
     "FOLDS_DIR",
+    "FOLD_METRICS",
     "MAX_FOLD_RESTARTS",
-    "METRICS",
     "RETRYABLE_REASONS",
     "STATES_CHECKPOINT",
     "TRIAL_JSON",
@@ -91,8 +91,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Reported per epoch as `<m>_mean`, `<m>_std` and `fold<k>/<m>` (loss from training, the rest from evaluation).
-METRICS = ("map", "map_50", "map_75", "f1", "score", "loss")
+# The per-fold metrics a trial reports each epoch, as `<m>_mean`, `<m>_std` and `fold<k>/<m>` (loss from
+# training, the rest from evaluation); not `detection.metrics.METRIC_NAMES`, which is what one evaluation returns.
+FOLD_METRICS = ("map", "map_50", "map_75", "f1", "score", "loss")
 # The keys of a trial's config (what the search proposes); see `apply_trial_params`.
 TRIAL_PARAMS = ("detector", "lr", "batch_size", "score_threshold")
 MAX_FOLD_RESTARTS = 3  # per fold and trial run: a fold lost more often ends the trial
@@ -261,11 +262,11 @@ def apply_trial_params(base: ExperimentConfig, params: Mapping[str, Any]) -> Exp
 
 def aggregate_fold_metrics(per_fold: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """`<m>_mean`, `<m>_std` (population std, ddof=0, as sklearn's cross-validation reports) and
-    `fold<k>/<m>` for every m in `METRICS`. `per_fold[k]` holds fold k's values (NaN propagates)."""
+    `fold<k>/<m>` for every m in `FOLD_METRICS`. `per_fold[k]` holds fold k's values (NaN propagates)."""
     if not per_fold:
         raise ValueError("aggregate_fold_metrics needs the metrics of at least one fold, but got none.")
     out: dict[str, float] = {}
-    for m in METRICS:
+    for m in FOLD_METRICS:
         missing = [k for k, fold in enumerate(per_fold) if m not in fold]
         if missing:
             raise ValueError(f"Fold metrics must hold {m!r}, but fold {missing[0]} has keys {sorted(per_fold[missing[0]])}.")
@@ -626,7 +627,7 @@ class _Trial:
                     model=r["best"]["model"],
                 )
                 self.predictions[k] = r["best"]["predictions"]
-            per_fold.append({**{m: evaluation[m] for m in METRICS if m != "loss"}, "loss": train["loss"]})
+            per_fold.append({**{m: evaluation[m] for m in FOLD_METRICS if m != "loss"}, "loss": train["loss"]})
             extras.update({
                 f"fold{k}/node_id": train["node_id"],
                 f"fold{k}/pid": train["pid"],
