@@ -93,7 +93,7 @@ def load_trial_runs(tune_dir: str | Path) -> list[TrialRun]:
     A trial that has not reported yet has no results; a half-written last line (a running sweep) is
     skipped.
     """
-    from search.manifest import trial_dirs
+    from search.reproducibility import trial_dirs
 
     runs = []
     for trial_id, folder in trial_dirs(tune_dir).items():
@@ -460,7 +460,7 @@ def _section_images(shown: _SplitResult, *, max_images: int) -> str:
 
 
 def _section_reproducibility(experiment_dir: Path, best_run: TrialRun | None) -> str:
-    from search.manifest import check_manifest, read_trial_manifest
+    from search.reproducibility import check_manifest, read_trial_manifest
 
     commands = [
         f"tensorboard --logdir {experiment_dir / 'tune'}",

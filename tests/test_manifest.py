@@ -1,4 +1,4 @@
-"""Reproducibility: the trial manifest (trainables.manifest) on the real DeepForest export."""
+"""Reproducibility: the trial manifest (trainables.trial_manifest) on the real DeepForest export."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainables.manifest
+import trainables.trial_manifest
 from detection.config import ExperimentConfig
 from detection.data.coco import DatasetError
 from detection.data.splits import make_split
-from trainables.manifest import (
+from trainables.trial_manifest import (
     MANIFEST_PACKAGES,
     annotation_files,
     dataset_sha256,
@@ -29,7 +29,7 @@ from trainables.manifest import (
 )
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
-PROJECT = Path(trainables.manifest.__file__).resolve().parents[1]  # the checkout the manifest describes
+PROJECT = Path(trainables.trial_manifest.__file__).resolve().parents[1]  # the checkout the manifest describes
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_every_trial_of_a_sweep_checkpoints_its_manifest(finished_sweep: Path, t
     import yaml
 
     from detection.data.splits import Split
-    from search.manifest import check_manifest, latest_checkpoint, read_trial_manifest, trial_dirs
+    from search.reproducibility import check_manifest, latest_checkpoint, read_trial_manifest, trial_dirs
 
     sweep = yaml.safe_load((finished_sweep / "sweep.yaml").read_text())
     trials = trial_dirs(finished_sweep / "tune")

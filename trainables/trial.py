@@ -57,7 +57,7 @@ from detection.metrics import Matches
 from detection.models.weights import resolve_start
 from detection.predictions import SavedPredictions
 from trainables.fold_worker import FoldWorker
-from trainables.manifest import MANIFEST_FILE, build_trial_manifest
+from trainables.trial_manifest import MANIFEST_FILE, build_trial_manifest
 
 __all__ = [
     "BEST_DIR",
@@ -357,7 +357,7 @@ def write_trial_checkpoint(
                             are relative to best/
         trial.json          arch, backbone, params, num_classes, class_names, category_ids, image_size,
                             score_threshold, epoch, ...
-        manifest.json       `trainables.manifest.build_trial_manifest` (when given)
+        manifest.json       `trainables.trial_manifest.build_trial_manifest` (when given)
     """
     directory = Path(directory)
     if fold_states is None and STATES_CHECKPOINT not in trial:

@@ -1,6 +1,6 @@
 """Reading the trials' reproducibility manifests back from an experiment folder.
 
-Every trial writes `manifest.json` into each Tune checkpoint it saves (`trainables.manifest`, which
+Every trial writes `manifest.json` into each Tune checkpoint it saves (`trainables.trial_manifest`, which
 also documents the fields). Here the driver side finds a trial's latest manifest and checks it against
 the data and code of today: `detsweep report` shows the best trial's manifest and any drift.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from detection.data.coco import DatasetError
-from trainables.manifest import MANIFEST_FILE, dataset_sha256, git_state, package_versions
+from trainables.trial_manifest import MANIFEST_FILE, dataset_sha256, git_state, package_versions
 
 __all__ = ["MANIFEST_FILE", "check_manifest", "latest_checkpoint", "read_trial_manifest", "trial_dirs"]
 
@@ -68,7 +68,7 @@ def read_trial_manifest(trial_dir: str | Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: expected a JSON manifest written by trainables.manifest, but line "
+        raise ValueError(f"{path}: expected a JSON manifest written by trainables.trial_manifest, but line "
                          f"{error.lineno} column {error.colno}: {error.msg}.") from error
 
 
