@@ -321,7 +321,7 @@ def _validate_search(search: SearchConfig, train: TrainConfig, where: str) -> No
            f"an integer >= 1, got {search.max_concurrent_trials}")
     from trainables.trial import FOLD_METRICS
 
-    allowed = ["cv_score"] + [f"{m}_{s}" for m in FOLD_METRICS for s in ("mean", "std")] + ["best_score", "oof_f1"]
+    allowed = ["cv_score"] + [f"{m}_{s}" for m in FOLD_METRICS for s in ("mean", "std")] + ["best_fold_score", "oof_f1"]
     _check(search.metric in allowed, where, "search.metric", f"one of {allowed}, got {search.metric!r}")
     _check(search.n_startup_trials >= 0, where, "search.n_startup_trials", f">= 0, got {search.n_startup_trials}")
     if search.scheduler == "asha":

@@ -80,7 +80,9 @@ BEST_ENSEMBLE_DIR = "best_ensemble"
 BEST_ENSEMBLE_JSON = "best_ensemble.json"
 LEADERBOARD_CSV = "leaderboard.csv"
 LEADERBOARD_MD = "leaderboard.md"
-MANIFEST_FORMAT = 2  # 2: models of several trials (arch/backbone/image_size per model), name, tuned threshold
+# `format` of an ensemble spec (best_ensemble.json). 2: models of several trials (arch/backbone/image_size per
+# model), name, tuned threshold
+ENSEMBLE_SPEC_FORMAT = 2
 GREEDY = "greedy"  # the name of the cross-trial ensemble
 # WBF needs positive model weights; a fold model whose validation score is 0 still gets a tiny vote.
 MIN_MODEL_WEIGHT = 1e-3
@@ -142,7 +144,7 @@ class EnsembleSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": MANIFEST_FORMAT,
+            "format": ENSEMBLE_SPEC_FORMAT,
             "name": self.name,
             "num_classes": self.num_classes,
             "class_names": list(self.class_names),
@@ -156,9 +158,9 @@ class EnsembleSpec:
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, where: str) -> EnsembleSpec:
         """Read `to_json()` back; `EnsembleError` names `where` and the missing or bad key."""
-        if data.get("format") != MANIFEST_FORMAT:
+        if data.get("format") != ENSEMBLE_SPEC_FORMAT:
             raise EnsembleError(f"{where}: `format` is {data.get('format')!r}, but this version reads ensemble "
-                                f"manifests of format {MANIFEST_FORMAT}; run `detsweep ensemble` on the "
+                                f"manifests of format {ENSEMBLE_SPEC_FORMAT}; run `detsweep ensemble` on the "
                                 "experiment again to rewrite it.")
         try:
             wbf = data["wbf"]

@@ -464,7 +464,7 @@ class TrialStatus:
     cv_score: float | None  # fold mean of each fold's best-epoch score (what the search is told)
     score_mean: float | None  # the last epoch's fold mean
     score_std: float | None
-    best_score: float | None
+    best_fold_score: float | None  # the best fold's best-epoch score (max over folds)
     error: str | None = None
 
 
@@ -507,7 +507,9 @@ def sweep_status(experiment_dir: Path) -> list[TrialStatus]:
             score_threshold=finite_float(config.get("score_threshold", last.get("oof_threshold"))),
             epochs=int(last.get("training_iteration", 0) or 0), cv_score=finite_float(last.get("cv_score")),
             score_mean=finite_float(last.get("score_mean")),
-            score_std=finite_float(last.get("score_std")), best_score=finite_float(last.get("best_score")), error=error,
+            score_std=finite_float(last.get("score_std")),
+            # results written before the rename call it best_score
+            best_fold_score=finite_float(last.get("best_fold_score", last.get("best_score"))), error=error,
         ))
     return sorted(rows, key=lambda r: (r.cv_score is None, -(r.cv_score or 0.0), r.trial_id))
 
@@ -530,7 +532,7 @@ def format_status(rows: list[TrialStatus], *, num_samples: int | None = None) ->
         lines.append(
             f"| {rank} | {r.trial_id} | {r.status} | {r.detector} | {format_or_dash(r.lr, '.2e')} | {format_or_dash(r.batch_size, 'd')} "
             f"| {format_or_dash(r.score_threshold, '.3f')} | {r.epochs} | {format_or_dash(r.cv_score, '.4f')} | {score} "
-            f"| {format_or_dash(r.best_score, '.4f')} |")
+            f"| {format_or_dash(r.best_fold_score, '.4f')} |")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1

@@ -134,7 +134,7 @@ def test_sweep_runs_folds_on_different_nodes_in_parallel(sweep: Sweep) -> None:
     # Fold aggregates are the mean of the two folds.
     last = sweep.results[0.3].metrics
     assert last["score_mean"] == pytest.approx((last["fold0/score"] + last["fold1/score"]) / 2)
-    assert last["best_score"] == pytest.approx(max(last["fold0/best_score"], last["fold1/best_score"]))
+    assert last["best_fold_score"] == pytest.approx(max(last["fold0/best_score"], last["fold1/best_score"]))
 
 
 def test_fold_on_a_removed_node_is_recreated_from_its_last_state(sweep: Sweep) -> None:

@@ -654,7 +654,7 @@ class _Trial:
             "oof_threshold": self.oof_threshold,
             "oof_f1": oof_f1,
             "finished": int(self.stopped or self.epoch >= self.config.train.epochs),
-            "best_score": max(float(r["eval"]["best_score"]) for r in results),
+            "best_fold_score": max(float(r["eval"]["best_score"]) for r in results),
             "folds_stopped": sum(int(r["eval"]["should_stop"]) for r in results),
             "fold_restarts": sum(self.restarts),
             "resumed_epoch": self.resumed_epoch,
