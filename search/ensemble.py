@@ -50,7 +50,7 @@ from torch import nn
 
 from detection.config import ConfigError
 from detection.data.splits import Split
-from search.formatting import finite_float, format_or_dash
+from search.formatting import finite_float, format_or_dash, markdown_table
 
 __all__ = [
     "BEST_ENSEMBLE_DIR",
@@ -899,17 +899,14 @@ def format_leaderboard(rows: Sequence[LeaderboardRow]) -> str:
     """A Markdown table: per trial its detector, start, params, CV score, its best single fold model and its
     fused models on the selection split (the gain of fusion); then the greedy ensemble, and the chosen ensemble
     and best single model on the test split. Errors of trials that were not ensembled follow."""
-    head = ("| rank | trial | split | status | detector | start | lr | batch | CV score | best single model "
-            "| single map_50 | single f1 | models | thr | map | map_50 | map_75 | f1 | score |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        lines.append(
-            f"| {r.rank or '-'} | {r.trial_id} | {r.split} | {r.status} | {r.detector or '-'} | {r.start or '-'} "
-            f"| {format_or_dash(r.lr, '.2e')} | {format_or_dash(r.batch_size, 'd')} "
-            f"| {format_or_dash(r.cv_score, '.4f')} | {r.single_model or '-'} "
-            f"| {format_or_dash(r.single_map_50, '.4f')} | {format_or_dash(r.single_f1, '.4f')} "
-            f"| {format_or_dash(r.num_models, 'd')} | {format_or_dash(r.score_threshold, '.3f')} "
-            + " ".join(f"| {format_or_dash(getattr(r, m), '.4f')}" for m in ENSEMBLE_METRICS) + " |")
+    head = ("rank", "trial", "split", "status", "detector", "start", "lr", "batch", "CV score", "best single model",
+            "single map_50", "single f1", "models", "thr", *ENSEMBLE_METRICS)
+    lines = [markdown_table(head, (
+        (str(r.rank or "-"), r.trial_id, r.split, r.status, r.detector or "-", r.start or "-",
+         format_or_dash(r.lr, ".2e"), format_or_dash(r.batch_size, "d"), format_or_dash(r.cv_score, ".4f"),
+         r.single_model or "-", format_or_dash(r.single_map_50, ".4f"), format_or_dash(r.single_f1, ".4f"),
+         format_or_dash(r.num_models, "d"), format_or_dash(r.score_threshold, ".3f"),
+         *(format_or_dash(getattr(r, m), ".4f") for m in ENSEMBLE_METRICS)) for r in rows))]
     for r in rows:
         if r.error:
             lines.append(f"\n{r.trial_id} ({r.status}): {r.error}")

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from search.formatting import html_table
+
 __all__ = ["REPORT_FILE", "TrialRun", "build_report", "load_trial_runs", "write_report"]
 
 logger = logging.getLogger(__name__)
@@ -204,33 +206,26 @@ def _leaderboard_rows(runs: Sequence[TrialRun], experiment_dir: Path) -> tuple[l
 def _section_leaderboard(rows: list[dict[str, Any]], best: str | None) -> str:
     if not rows:
         return _note("No trial has reported yet.")
-    head = ("<tr><th>rank</th><th>trial</th><th>split</th><th>arch/backbone</th><th>start</th><th>lr</th>"
-            "<th>batch</th><th>epochs</th><th>CV score</th><th>best single model</th><th>single map_50</th>"
-            "<th>single f1</th><th>models</th><th>thr</th><th>map</th><th>map_50</th><th>f1</th><th>score</th>"
-            "<th>status</th></tr>")
-    body = []
-    for r in rows:
-        chosen = r["trial_id"] == best or (r.get("trial_id") == "chosen" and best is not None)
-        cls = ' class="best"' if chosen else ""
-        body.append(
-            f"<tr{cls}><td>{_fmt(r.get('rank'), '.0f')}</td>"
-            f"<td><code>{html.escape(str(r['trial_id']))}</code></td><td>{html.escape(str(r.get('split') or ''))}</td>"
-            f"<td>{_text(r.get('detector'))}</td>"
-            f"<td>{_text(r.get('start'))}</td><td>{_fmt(r.get('lr'), '.2e')}</td>"
-            f"<td>{_fmt(r.get('batch_size'), '.0f')}</td><td>{_text(r.get('epochs') or None)}</td>"
-            f"<td>{_fmt(r.get('cv_score'), '.4f')}</td>"
-            f"<td><code>{_text(r.get('single_model'))}</code></td>"
-            f"<td>{_fmt(r.get('single_map_50'), '.4f')}</td><td>{_fmt(r.get('single_f1'), '.4f')}</td>"
-            f"<td>{_fmt(r.get('num_models'), '.0f')}</td><td>{_fmt(r.get('score_threshold'), '.3f')}</td>"
-            + "".join(f"<td>{_fmt(r.get(m), '.4f')}</td>" for m in ("map", "map_50", "f1", "score"))
-            + f"<td>{html.escape(str(r.get('status') or ''))}</td></tr>")
+    head = ("rank", "trial", "split", "arch/backbone", "start", "lr", "batch", "epochs", "CV score",
+            "best single model", "single map_50", "single f1", "models", "thr", "map", "map_50", "f1", "score",
+            "status")
+    body = [(_fmt(r.get("rank"), ".0f"), f"<code>{html.escape(str(r['trial_id']))}</code>",
+             html.escape(str(r.get("split") or "")), _text(r.get("detector")), _text(r.get("start")),
+             _fmt(r.get("lr"), ".2e"), _fmt(r.get("batch_size"), ".0f"), _text(r.get("epochs") or None),
+             _fmt(r.get("cv_score"), ".4f"), f"<code>{_text(r.get('single_model'))}</code>",
+             _fmt(r.get("single_map_50"), ".4f"), _fmt(r.get("single_f1"), ".4f"), _fmt(r.get("num_models"), ".0f"),
+             _fmt(r.get("score_threshold"), ".3f"), *(_fmt(r.get(m), ".4f") for m in ("map", "map_50", "f1", "score")),
+             html.escape(str(r.get("status") or ""))) for r in rows]
+    # The chosen ensemble's row and its test-split row are highlighted.
+    chosen = ["best" if r["trial_id"] == best or (r.get("trial_id") == "chosen" and best is not None) else None
+              for r in rows]
     note = ("Trials are ranked by their fold models fused with WBF on the selection split (score = 0.5 &middot; "
             "map_50 + 0.5 &middot; f1, f1 at the threshold that is best on those selection predictions), beside "
             "their best single fold model on the same images: the gain of fusion. CV score: the fold mean of each "
             "fold's best-epoch validation score, what the search was told. The greedy row is the cross-trial "
             "ensemble; the winner on the selection split is the only ensemble scored on the test split "
             "(highlighted), beside the best single model, at the thresholds the selection split chose.")
-    return f'<table class="board">{head}{"".join(body)}</table><p class="note">{note}</p>'
+    return html_table(head, body, table_class="board", row_classes=chosen) + f'<p class="note">{note}</p>'
 
 
 # ------------------------------------------------------------------------------------------ optuna
@@ -289,9 +284,8 @@ def _section_optuna(experiment_dir: Path) -> str:
                 axes = optuna_mpl.plot_param_importances(
                     study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
                 parts.append(_img(_data_uri(_close(axes)), "Optuna parameter importances", css="half"))
-                parts.append("<table><tr><th>parameter</th><th>importance (fANOVA)</th></tr>" + "".join(
-                    f"<tr><td>{html.escape(name)}</td><td>{value:.3f}</td></tr>" for name, value in importances.items())
-                    + "</table>")
+                parts.append(html_table(("parameter", "importance (fANOVA)"),
+                                        [(html.escape(name), f"{value:.3f}") for name, value in importances.items()]))
             else:
                 parts.append(_note("Parameter importances are empty: no parameter was sampled in every "
                                    "completed trial."))
@@ -392,11 +386,10 @@ def _section_per_class(shown: _SplitResult) -> str:
     for target in shown.targets:
         for label in target["labels"].tolist():
             gt_counts[shown.class_names[label - 1]] += 1
-    table = ("<table><tr><th>class</th><th>boxes</th><th>AP@[.5:.95]</th><th>AP@0.5</th></tr>" + "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{gt_counts[name]}</td><td>{ap[f'ap/{name}']:.4f}</td>"
-        f"<td>{ap[f'ap_50/{name}']:.4f}</td></tr>" for name in shown.class_names)
-        + f"<tr><th>all</th><td>{sum(gt_counts.values())}</td><td>{ap['map']:.4f}</td><td>{ap['map_50']:.4f}</td>"
-        "</tr></table>")
+    table = html_table(("class", "boxes", "AP@[.5:.95]", "AP@0.5"),
+                       [(html.escape(name), str(gt_counts[name]), f"{ap[f'ap/{name}']:.4f}",
+                         f"{ap[f'ap_50/{name}']:.4f}") for name in shown.class_names],
+                       footer=("all", str(sum(gt_counts.values())), f"{ap['map']:.4f}", f"{ap['map_50']:.4f}"))
 
     figure = _figure(5.2, 4.0)
     ax = figure.subplots()
@@ -486,7 +479,7 @@ def _section_reproducibility(experiment_dir: Path, best_run: TrialRun | None) ->
                                for k, v in manifest.get("packages", {}).items())),
         ("written", html.escape(str(manifest.get("created")))),
     ]
-    parts.append("<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>")
+    parts.append(html_table(None, rows, header_column=True))
     drift = check_manifest(manifest)
     parts.append(_note("A rerun today starts from the same data, split, packages and commit.") if not drift else
                  '<p class="warn">Differs from today:</p><ul>' + "".join(f"<li>{html.escape(d)}</li>" for d in drift)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from detection.config import ConfigError
 from search.config import SweepConfig, load_sweep_config
 from search.space import build_search_space
-from search.formatting import finite_float, format_or_dash
+from search.formatting import finite_float, format_or_dash, markdown_table
 from search.storage import Experiment, exists, is_uri, join_uri
 
 if TYPE_CHECKING:
@@ -524,15 +524,15 @@ def _first_error_line(trial: Trial) -> str | None:
 
 def format_status(rows: list[TrialStatus], *, num_samples: int | None = None) -> str:
     """A Markdown table of `sweep_status` rows."""
-    head = ("| rank | trial | status | detector | lr | batch | thr | epochs | CV score | last epoch score_mean +- std "
-            "| best fold |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    head = ("rank", "trial", "status", "detector", "lr", "batch", "thr", "epochs", "CV score",
+            "last epoch score_mean +- std", "best fold")
+    cells = []
     for rank, r in enumerate(rows, start=1):
         score = "-" if r.score_mean is None else f"{r.score_mean:.4f} +- {r.score_std or 0.0:.4f}"
-        lines.append(
-            f"| {rank} | {r.trial_id} | {r.status} | {r.detector} | {format_or_dash(r.lr, '.2e')} | {format_or_dash(r.batch_size, 'd')} "
-            f"| {format_or_dash(r.score_threshold, '.3f')} | {r.epochs} | {format_or_dash(r.cv_score, '.4f')} | {score} "
-            f"| {format_or_dash(r.best_fold_score, '.4f')} |")
+        cells.append((str(rank), r.trial_id, r.status, r.detector, format_or_dash(r.lr, ".2e"),
+                      format_or_dash(r.batch_size, "d"), format_or_dash(r.score_threshold, ".3f"), str(r.epochs),
+                      format_or_dash(r.cv_score, ".4f"), score, format_or_dash(r.best_fold_score, ".4f")))
+    lines = [markdown_table(head, cells)]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
