@@ -84,7 +84,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     """Run the final ensemble job on a sweep's folder and print the leaderboard (see search/ensemble.py)."""
     import ray
 
-    from search.ensemble import EnsembleError, run_ensemble
+    from search.ensemble import run_ensemble
+    from search.ensemble_models import EnsembleError
     from search.tuner import load_experiment
 
     experiment = _open(args.path)
@@ -207,7 +208,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Run the best ensemble on images; unreadable images are reported on stderr and skipped."""
-    from search.ensemble import EnsembleError
+    from search.ensemble_models import EnsembleError
     from search.predict import PredictError, predict_images
 
     try:

@@ -3,8 +3,8 @@
     detsweep predict --ensemble EXP/best_ensemble.json photo.png more/ --out preds.json [--draw DIR] [--device auto]
 
 The ensemble (the fold models the ensemble job chose on the selection split, of one trial or several,
-fused with Weighted Boxes Fusion as the job scored them) is loaded with `search.ensemble.load_ensemble` and
-run with `search.ensemble.predict_ensemble`, on CPU or GPU. Two JSON files come out:
+fused with Weighted Boxes Fusion as the job scored them) is loaded with `search.ensemble_models.load_ensemble` and
+run with `search.ensemble_models.predict_ensemble`, on CPU or GPU. Two JSON files come out:
 
 - `preds.json`, a COCO results file: the list `[{"image_id", "category_id", "bbox": [x, y, w, h] absolute
   pixels, "score"}, ...]` with the dataset's original COCO category ids, the fused boxes at or above the
@@ -172,10 +172,10 @@ def predict_images(
 
     Raises:
         PredictError: no input files, or an unusable device.
-        search.ensemble.EnsembleError: a missing or malformed ensemble manifest or model file.
+        search.ensemble_models.EnsembleError: a missing or malformed ensemble manifest or model file.
     """
     from detection.drawing import draw_detections
-    from search.ensemble import load_ensemble, predict_ensemble, predictions_to_coco
+    from search.ensemble_models import load_ensemble, predict_ensemble, predictions_to_coco
 
     if batch_size < 1:
         raise PredictError(f"`batch_size >= 1` must hold, but got {batch_size=}.")

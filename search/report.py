@@ -358,7 +358,8 @@ def _load_split_result(experiment_dir: Path, name: str) -> _SplitResult:
     import torch
 
     from detection.data.coco import load_dataset
-    from search.ensemble import ENSEMBLE_DIR, predictions_from_coco
+    from search.ensemble import ENSEMBLE_DIR
+    from search.ensemble_models import predictions_from_coco
     from search.tuner import load_experiment
 
     config = load_experiment(experiment_dir)

@@ -24,20 +24,22 @@ from detection.data.splits import Split
 from detection.metrics import detection_metrics, f1_at_iou
 from detection.predictions import load_predictions
 from search.ensemble import (
-    BEST_ENSEMBLE_DIR,
     BEST_ENSEMBLE_JSON,
     ENSEMBLE_DIR,
     GREEDY,
     LEADERBOARD_CSV,
     LEADERBOARD_MD,
     MIN_MODEL_WEIGHT,
-    EnsembleError,
     greedy_selection,
+    run_ensemble,
+)
+from search.ensemble_models import (
+    BEST_ENSEMBLE_DIR,
+    EnsembleError,
     load_ensemble,
     predict_ensemble,
     predictions_from_coco,
     predictions_to_coco,
-    run_ensemble,
 )
 from search.tuner import load_experiment
 

@@ -18,7 +18,7 @@ from torchvision.ops import box_iou
 from detection.data.coco import load_dataset
 from detection.metrics import detection_metrics
 from search.cli import main as cli_main
-from search.ensemble import predictions_from_coco
+from search.ensemble_models import predictions_from_coco
 from search.predict import (
     PredictError,
     collect_images,
@@ -203,7 +203,7 @@ def test_results_file_is_what_pycocotools_loadres_reads(tmp_path: Path) -> None:
     # The writer predict_images uses: a results list in preds.json, the images beside it in preds.images.json.
     import torch as _torch
 
-    from search.ensemble import predictions_to_coco
+    from search.ensemble_models import predictions_to_coco
 
     preds = [{"boxes": _torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 5.5, 4.0]]), "scores": _torch.tensor([0.9, 0.4]),
               "labels": _torch.tensor([1, 2])},
