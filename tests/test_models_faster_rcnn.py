@@ -118,7 +118,7 @@ def test_bad_arch_and_backbone_name_the_choices() -> None:
 
 
 def test_fcos_tal_is_dispatched_lazily_and_takes_no_anchor_shapes() -> None:
-    model = build_detector(arch="fcos_tal", backbone="mobilenetv2_100", num_classes=2, image_size=64,
+    model = build_detector(arch="fcos_tal", backbone="mobilenet_v2", num_classes=2, image_size=64,
                            start="none")
     from detection.models.fcos_tal import FCOSTAL
 
@@ -126,5 +126,5 @@ def test_fcos_tal_is_dispatched_lazily_and_takes_no_anchor_shapes() -> None:
     set_image_size(model, 96)  # works through its GeneralizedRCNNTransform
     assert model.transform.min_size == (96,) and model.transform.max_size == 96
     with pytest.raises(ValueError, match=r"anchor_shapes.*fcos_tal"):
-        build_detector(arch="fcos_tal", backbone="mobilenetv2_100", num_classes=2, image_size=64,
+        build_detector(arch="fcos_tal", backbone="mobilenet_v2", num_classes=2, image_size=64,
                        start="none", anchor_shapes=[[10.0, 10.0]])

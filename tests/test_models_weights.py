@@ -325,7 +325,7 @@ def test_lite0_weights_are_installed_where_timm_finds_them_offline(offline_torch
                            start="backbone")
     assert model.start == "backbone"
     reference = torch.load(source, map_location="cpu", weights_only=True)
-    body = model.backbone.body
+    body = model.backbone.body.model  # the timm network inside the registry's TimmFeatures
     # names differ (_blocks.15._project_conv vs blocks.6.0.conv_pwl); the package's order is timm's
     assert torch.equal(body.conv_stem.weight, reference["_conv_stem.weight"])
     assert torch.equal(body.blocks[6][0].conv_pwl.weight, reference["_blocks.15._project_conv.weight"])

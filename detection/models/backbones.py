@@ -1,7 +1,8 @@
 """One flat registry of detection backbones: multi-scale feature extractors, optionally with an FPN.
 
 `BACKBONES[name]` is a `BackboneSpec`; keys equal torchvision/timm model names where one exists
-(`resnet50_fpn` names what `fasterrcnn_resnet50_fpn` builds: torchvision ResNet-50 + FPN). A spec builds
+(`resnet50_fpn` names what `fasterrcnn_resnet50_fpn` builds: torchvision ResNet-50 + FPN) and mean the same
+for every arch (Faster R-CNN takes a body + FPN, FCOS-TAL a body's stride-8/16/32 maps). A spec builds
 a `FeatureBody`: `body(x [B, 3, H, W])` -> OrderedDict `"0".."L-1"` of NCHW maps `[B, C_l, H / s_l, W / s_l]`
 (`body.out_channels[l]`, `body.strides[l]`), finest first. `build_fpn_backbone` puts torchvision's
 `FeaturePyramidNetwork` (+ a max-pooled `"pool"` level) on top, which is what Faster R-CNN consumes.
@@ -10,6 +11,7 @@ Pretrained ImageNet weights go through torchvision's own `weights=` path or timm
 (see `detection.models.weights`). Pretrained CNN bodies use frozen batch norm, as torchvision's detection
 builders do: detection batches are too small for batch statistics. A body that a detection checkpoint is
 loaded into later (`detection_weights=True`) is built the same way, without the ImageNet weights.
+A timm model is used through an entry here (its stages and normalization), not by its timm name.
 
 Adding a backbone = one `BackboneSpec` entry; `tests/test_models_backbones.py` loops over the registry.
 """
@@ -96,7 +98,7 @@ class FPNBackbone(nn.Module):
         return self.fpn(self.body(x))
 
 
-BodyBuilder = Callable[..., FeatureBody]  # (*, pretrained, weights_path, image_size, trained) -> FeatureBody
+BodyBuilder = Callable[..., FeatureBody]  # (*, pretrained, weights_path, image_size, frozen_bn) -> FeatureBody
 
 
 @dataclass(frozen=True)
@@ -127,16 +129,16 @@ class BackboneSpec:
     timm_name: str | None = None
 
 
-def _norm_layer(trained: bool) -> type[nn.Module]:
-    return FrozenBatchNorm2d if trained else nn.BatchNorm2d
+def _norm_layer(frozen_bn: bool) -> type[nn.Module]:
+    return FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
 
 
 def _resnet_body(builder: Callable[..., nn.Module], weights: WeightsEnum) -> BodyBuilder:
     """ResNet C2..C5 (strides 4..32), as `fasterrcnn_resnet50_fpn`'s `_resnet_fpn_extractor` returns them."""
 
-    def build(*, pretrained: bool, weights_path: str | Path | None, image_size: int, trained: bool) -> FeatureBody:
+    def build(*, pretrained: bool, weights_path: str | Path | None, image_size: int, frozen_bn: bool) -> FeatureBody:
         model = build_torchvision_model(
-            builder, weights, pretrained=pretrained, weights_path=weights_path, norm_layer=_norm_layer(trained)
+            builder, weights, pretrained=pretrained, weights_path=weights_path, norm_layer=_norm_layer(frozen_bn)
         )
         c2 = model.inplanes // 8  # the same arithmetic as torchvision: 2048 // 8 = 256 for ResNet-50, 64 for -18
         return IntermediateFeatures(
@@ -148,7 +150,7 @@ def _resnet_body(builder: Callable[..., nn.Module], weights: WeightsEnum) -> Bod
 
 
 def _mobilenet_v2_body(
-    *, pretrained: bool, weights_path: str | Path | None, image_size: int, trained: bool
+    *, pretrained: bool, weights_path: str | Path | None, image_size: int, frozen_bn: bool
 ) -> FeatureBody:
     """MobileNetV2 `features` at strides 8, 16, 32 (ends of those stages: blocks 6, 13, 18).
 
@@ -156,7 +158,7 @@ def _mobilenet_v2_body(
     """
     model = build_torchvision_model(
         torchvision.models.mobilenet_v2, MobileNet_V2_Weights.IMAGENET1K_V1,
-        pretrained=pretrained, weights_path=weights_path, norm_layer=_norm_layer(trained),
+        pretrained=pretrained, weights_path=weights_path, norm_layer=_norm_layer(frozen_bn),
     )
     features = model.features
     return IntermediateFeatures(
@@ -183,10 +185,10 @@ def timm_size_kwargs(model_name: str, image_size: int) -> dict[str, object]:
 def _timm_body(model_name: str, *, out_indices: tuple[int, ...]) -> BodyBuilder:
     """A timm `features_only` body, built for any input size (`timm_size_kwargs`)."""
 
-    def build(*, pretrained: bool, weights_path: str | Path | None, image_size: int, trained: bool) -> FeatureBody:
+    def build(*, pretrained: bool, weights_path: str | Path | None, image_size: int, frozen_bn: bool) -> FeatureBody:
         kwargs: dict = dict(features_only=True, out_indices=out_indices, **timm_size_kwargs(model_name, image_size))
         model = create_timm_model(model_name, pretrained=pretrained, weights_path=weights_path, **kwargs)
-        if trained:
+        if frozen_bn:
             from timm.layers import freeze_batch_norm_2d
 
             model = freeze_batch_norm_2d(model)
@@ -205,7 +207,22 @@ def _torchvision_spec(
     )
 
 
+def _timm_spec(
+    name: str, timm_name: str, hub_id: str, *, out_indices: tuple[int, ...], stages: tuple[tuple[str, ...], ...],
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN, image_std: tuple[float, float, float] = IMAGENET_STD,
+) -> BackboneSpec:
+    """A timm body; `image_mean`/`image_std` are those of timm's pretrained config for `hub_id`."""
+    return BackboneSpec(
+        name=name, build_body=_timm_body(timm_name, out_indices=out_indices), stages=stages,
+        image_mean=image_mean, image_std=image_std, weights_source="timm", weights_file="model.safetensors",
+        weights_url=f"hf-hub:{hub_id}", timm_name=timm_name,
+    )
+
+
 _RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+# timm EfficientNets: blocks grouped by output stride 2, 4, 8, 16, 32 (blocks.3 is the first stride-16 block)
+_EFFICIENTNET_STAGES = (("model.conv_stem", "model.bn1", "model.blocks.0"), ("model.blocks.1",), ("model.blocks.2",),
+                        ("model.blocks.3", "model.blocks.4"), ("model.blocks.5", "model.blocks.6"))
 
 BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v2": _torchvision_spec(
@@ -218,28 +235,30 @@ BACKBONES: dict[str, BackboneSpec] = {
         "resnet18", _resnet_body(torchvision.models.resnet18, ResNet18_Weights.IMAGENET1K_V1),
         ResNet18_Weights.IMAGENET1K_V1, stages=_RESNET_STAGES,
     ),
+    # `resnet50` and `resnet50_fpn` build the same body; `resnet50_fpn` is also the name of torchvision's COCO
+    # Faster R-CNN (`weights.DETECTION_CHECKPOINTS`)
+    "resnet50": _torchvision_spec(
+        "resnet50", _resnet_body(torchvision.models.resnet50, ResNet50_Weights.IMAGENET1K_V1),
+        ResNet50_Weights.IMAGENET1K_V1, stages=_RESNET_STAGES,
+    ),
     "resnet50_fpn": _torchvision_spec(
         "resnet50_fpn", _resnet_body(torchvision.models.resnet50, ResNet50_Weights.IMAGENET1K_V1),
         ResNet50_Weights.IMAGENET1K_V1, stages=_RESNET_STAGES,
     ),
-    "efficientnet_b3": BackboneSpec(
-        name="efficientnet_b3",
-        build_body=_timm_body("efficientnet_b3", out_indices=(1, 2, 3, 4)),  # strides 4, 8, 16, 32
-        stages=(("model.conv_stem", "model.bn1", "model.blocks.0"), ("model.blocks.1",), ("model.blocks.2",),
-                ("model.blocks.3", "model.blocks.4"), ("model.blocks.5", "model.blocks.6")),
-        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-        weights_source="timm", weights_file="model.safetensors", weights_url="hf-hub:timm/efficientnet_b3.ra2_in1k",
-        timm_name="efficientnet_b3",
+    "efficientnet_b3": _timm_spec(
+        "efficientnet_b3", "efficientnet_b3", "timm/efficientnet_b3.ra2_in1k",
+        out_indices=(1, 2, 3, 4), stages=_EFFICIENTNET_STAGES,  # strides 4, 8, 16, 32
     ),
-    "swin_s": BackboneSpec(
-        name="swin_s",  # torchvision's name for Swin-S; built by timm, which offers features_only
-        build_body=_timm_body("swin_small_patch4_window7_224", out_indices=(0, 1, 2, 3)),
+    "tf_efficientnet_lite0": _timm_spec(
+        "tf_efficientnet_lite0", "tf_efficientnet_lite0", "timm/tf_efficientnet_lite0.in1k",
+        out_indices=(1, 2, 3, 4), stages=_EFFICIENTNET_STAGES, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+    ),
+    # torchvision's name for Swin-S; built by timm, which offers features_only
+    "swin_s": _timm_spec(
+        "swin_s", "swin_small_patch4_window7_224", "timm/swin_small_patch4_window7_224.ms_in22k_ft_in1k",
+        out_indices=(0, 1, 2, 3),
         stages=(("model.patch_embed",), ("model.layers_0",), ("model.layers_1",), ("model.layers_2",),
                 ("model.layers_3",)),
-        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-        weights_source="timm", weights_file="model.safetensors",
-        weights_url="hf-hub:timm/swin_small_patch4_window7_224.ms_in22k_ft_in1k",
-        timm_name="swin_small_patch4_window7_224",
     ),
 }
 
@@ -249,7 +268,9 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ValueError(f"`backbone` must be one of {sorted(BACKBONES)}, but got {name!r}.") from None
+        raise ValueError(f"`backbone` must be one of {sorted(BACKBONES)}, but got {name!r}. These are registry keys "
+                         f"for every arch, not timm model names: to use timm's {name!r}, add a `BackboneSpec` for it "
+                         f"(its stages and normalization) to detection.models.backbones.BACKBONES.") from None
 
 
 def freeze_stages(body: nn.Module, stages: Sequence[Sequence[str]], trainable_layers: int) -> None:
@@ -273,6 +294,7 @@ def build_backbone_body(
     weights_path: str | Path | None = None,
     trainable_layers: int = 3,
     detection_weights: bool = False,
+    frozen_bn: bool | None = None,
 ) -> FeatureBody:
     """The registered body `name`, with its first stages frozen.
 
@@ -280,6 +302,7 @@ def build_backbone_body(
     torchvision, a randomly initialized body trains all its layers whatever `trainable_layers` says.
     `detection_weights=True`: a detection checkpoint is loaded into the whole detector afterwards, so the body
     is built without ImageNet weights but set up as a trained one (frozen batch norm and stages).
+    `frozen_bn`: frozen batch norm; None = for a trained body only (frozen statistics of a random init mean nothing).
     Raises `WeightsNotFoundError` when pretrained weights are neither cached nor downloadable.
     """
     spec = get_backbone_spec(name)
@@ -290,7 +313,8 @@ def build_backbone_body(
     if detection_weights:
         pretrained, weights_path = False, None
     trained = pretrained or weights_path is not None or detection_weights
-    body = spec.build_body(pretrained=pretrained, weights_path=weights_path, image_size=image_size, trained=trained)
+    body = spec.build_body(pretrained=pretrained, weights_path=weights_path, image_size=image_size,
+                           frozen_bn=trained if frozen_bn is None else frozen_bn)
     freeze_stages(body, spec.stages, trainable_layers if trained else len(spec.stages))
     return body
 

