@@ -85,10 +85,10 @@ def test_compute_loss_perfect_box():
     # Fused score sqrt(0.5 * 0.5) = 0.5, t = 0.5 * 1^6, normalized t * 1 / t = 1: cls target 1, QFL = ln2 / 4.
     # Quality target = IoU = 1: QFL = ln2 / 4. One positive: divide by 1.
     losses = ComputeLoss()(*_one_point_case([4.0, 4.0, 4.0, 4.0]))
-    assert set(losses) == {"loss_cls", "loss_box", "loss_obj"}
+    assert set(losses) == {"loss_cls", "loss_box", "loss_quality"}
     assert losses["loss_cls"].item() == pytest.approx(LN2 / 4, rel=1e-5)
     assert losses["loss_box"].item() == pytest.approx(0.0, abs=1e-6)
-    assert losses["loss_obj"].item() == pytest.approx(LN2 / 4, rel=1e-5)
+    assert losses["loss_quality"].item() == pytest.approx(LN2 / 4, rel=1e-5)
 
 
 def test_compute_loss_half_overlap_and_weights():
@@ -100,7 +100,7 @@ def test_compute_loss_half_overlap_and_weights():
     losses = ComputeLoss()(*case)
     assert losses["loss_box"].item() == pytest.approx(1.1, rel=1e-5)
     assert losses["loss_cls"].item() == pytest.approx(0.0, abs=1e-7)
-    assert losses["loss_obj"].item() == pytest.approx(0.0, abs=1e-7)
+    assert losses["loss_quality"].item() == pytest.approx(0.0, abs=1e-7)
     weighted = ComputeLoss(box_weight=0.5)(*case)
     assert weighted["loss_box"].item() == pytest.approx(0.275, rel=1e-5)  # 0.55 * 0.5
 
@@ -117,7 +117,7 @@ def test_compute_loss_without_ground_truth_is_finite_background():
     # No positive: num_pos clamps to 1. Every class logit 0 against target 0: 2 images * 2 points * 3
     # classes * ln2 / 4; quality: 2 * 2 * ln2 / 4; no box loss.
     assert losses["loss_cls"].item() == pytest.approx(12 * LN2 / 4, rel=1e-5)
-    assert losses["loss_obj"].item() == pytest.approx(4 * LN2 / 4, rel=1e-5)
+    assert losses["loss_quality"].item() == pytest.approx(4 * LN2 / 4, rel=1e-5)
     assert losses["loss_box"].item() == 0.0
     sum(losses.values()).backward()
     assert torch.isfinite(cls_logits.grad).all() and cls_logits.grad.abs().sum() > 0

@@ -111,7 +111,7 @@ def test_train_mode_returns_finite_losses_and_gradients(box_activation, resnet18
     torch.manual_seed(0)
     model = _trained(resnet18_file, box_activation=box_activation, trainable_layers=2).train()
     losses = model([torch.rand(3, 200, 249), torch.rand(3, 90, 100)], _targets())
-    assert set(losses) == {"loss_cls", "loss_box", "loss_obj"}
+    assert set(losses) == {"loss_cls", "loss_box", "loss_quality"}
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
     assert losses["loss_box"] > 0
     sum(losses.values()).backward()

@@ -1,6 +1,6 @@
 """Losses of the FCOS + Task-Aligned-Assigner detector and the aggregator that computes them.
 
-Classification and the IoU-quality ("objectness") branch learn soft targets in ``[0, 1]``: the
+Classification and the IoU-quality branch learn soft targets in ``[0, 1]``: the
 normalized alignment of the assigner for the class branch, the IoU of the predicted box with its
 ground truth for the quality branch. ``torchvision.ops.sigmoid_focal_loss`` documents binary
 targets, and with a soft target its modulating factor ``(1 - p_t) ** gamma`` (``p_t = p t +
@@ -110,7 +110,7 @@ class ComputeLoss:
     so an image without boxes still trains its class and quality branches towards background.
 
     Attributes:
-        cls_weight, box_weight, obj_weight: multipliers of ``loss_cls``, ``loss_box``, ``loss_obj``.
+        cls_weight, box_weight, quality_weight: multipliers of ``loss_cls``, ``loss_box``, ``loss_quality``.
         focal_beta: exponent of the quality focal loss.
         topk, alpha, beta, center_radius: Task-Aligned Assigner settings: TOOD's alpha = 1 and
             beta = 6, with topk 9 (TOOD: 13) and FCOS's centre radius of 1.5 strides (YOLOv6: 2.5).
@@ -120,7 +120,7 @@ class ComputeLoss:
 
     cls_weight: float = 1.0
     box_weight: float = 2.0
-    obj_weight: float = 1.0
+    quality_weight: float = 1.0
     focal_beta: float = 2.0
     topk: int = 9
     alpha: float = 1.0
@@ -128,7 +128,7 @@ class ComputeLoss:
     center_radius: float = 1.5
 
     def __post_init__(self) -> None:
-        for name in ("cls_weight", "box_weight", "obj_weight", "focal_beta", "alpha", "beta"):
+        for name in ("cls_weight", "box_weight", "quality_weight", "focal_beta", "alpha", "beta"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"`{name} >= 0` must hold, but got ({name}={value}).")
@@ -166,7 +166,7 @@ class ComputeLoss:
                 same (resized, padded) coordinates as ``points``; ``N`` may be 0.
 
         Returns:
-            ``{"loss_cls", "loss_box", "loss_obj"}``, already weighted, float32 scalars.
+            ``{"loss_cls", "loss_box", "loss_quality"}``, already weighted, float32 scalars.
         """
         cls_logits, distances, quality_logits = cls_logits.float(), distances.float(), quality_logits.float()
         pred_boxes = decode_distances(points, distances)  # [B, A, 4]
@@ -183,10 +183,11 @@ class ComputeLoss:
         if len(pos_pred):
             # The quality branch predicts how well its own box fits: a target, not a path for gradients.
             quality_target[fg] = paired_iou(pos_pred.detach(), pos_gt)
-        loss_obj = quality_focal_loss(quality_logits, quality_target, beta=self.focal_beta, reduction="sum") / num_pos
+        loss_quality = quality_focal_loss(quality_logits, quality_target, beta=self.focal_beta,
+                                          reduction="sum") / num_pos
 
         return {
             "loss_cls": self.cls_weight * loss_cls,
             "loss_box": self.box_weight * loss_box,
-            "loss_obj": self.obj_weight * loss_obj,
+            "loss_quality": self.quality_weight * loss_quality,
         }

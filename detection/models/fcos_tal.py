@@ -9,7 +9,7 @@ The backbone is a registry body (``detection.models.backbones.BACKBONES``, the s
 of which the stride-8, 16 and 32 maps feed the neck.
 
 Contract (torchvision's): ``model(images, targets)`` in train mode returns
-``{"loss_cls", "loss_box", "loss_obj"}``; ``model(images)`` in eval mode returns one
+``{"loss_cls", "loss_box", "loss_quality"}``; ``model(images)`` in eval mode returns one
 ``{"boxes" [N, 4] xyxy absolute in the input image's pixels, "scores" [N], "labels" [N] int64 1..C}``
 per image. Images are float ``[3, H, W]`` tensors in ``[0, 1]`` of any size; torchvision's
 ``GeneralizedRCNNTransform`` normalizes, resizes to ``image_size``, batches and maps boxes back.
