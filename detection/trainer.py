@@ -29,6 +29,7 @@ from detection.engine import (
     train_one_epoch,
 )
 from detection.metrics import detection_metrics, match_predictions
+from detection.memory_probe import MemoryProbe, probe_training_step
 from detection.models.factory import build_detector, set_image_size
 from detection.predictions import SavedPredictions
 
@@ -179,6 +180,15 @@ class FoldTrainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_time_s": time.perf_counter() - start,
         }
+
+    def probe_memory(self, limit_bytes: int | None = None, device_share: float = 1.0) -> MemoryProbe:
+        """One training step's peak memory at the largest input and the train batch size, the fold left as it
+        was (detection/memory_probe.py): whether this batch size fits before any epoch is spent on it."""
+        size = max(self.config.train.image_size, self.config.train.small_image_size or 0)
+        set_image_size(self.model, size)
+        return probe_training_step(self.model, batch_size=self.config.train.batch_size, image_size=size,
+                                   num_classes=len(self.index.class_names), device=self.device,
+                                   limit_bytes=limit_bytes, device_share=device_share, amp=self.scaler is not None)
 
     def evaluate(self) -> dict[str, float]:
         """Metrics on this fold's validation images at full input size; updates early stopping.

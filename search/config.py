@@ -117,6 +117,11 @@ class ResourcesConfig:
     # the on-demand head advertises (cluster.yaml `resources: {"CPU": 0, "coordinator": N}`): coordinators then
     # never land on a spot GPU node, whose reclaim would restart the whole trial. None: anywhere with CPUs.
     coordinator_resource: str | None = None
+    # Before a trial's folds train, one probe step at its largest input and batch size (trainables/trial.py):
+    # on CUDA always, against the GPU's memory (or this bound if set); on CPU only with this bound, the fold
+    # process's peak resident memory in GiB. A batch that does not fit ends the trial as infeasible, learnt by
+    # Optuna as a constraint, before any epoch is spent on it.
+    fold_memory_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,10 @@ class CheckpointConfig:
     # coordinator or driver (a lost fold is recreated from the coordinator's memory): the trial then goes back
     # to the last states written and reruns at most resume_every - 1 epochs. Default from bench/checkpoint_io.py.
     resume_every: int = 5
+    # Once a trial has ended, only the best `keep_trials` ended trials by the search metric keep their fold
+    # models (the ensemble job's candidates); every ended trial loses its resume states. Storage after a sweep:
+    # at most keep_trials x keep_best models (search/checkpoint_budget.py). null keeps every trial's models.
+    keep_trials: int | None = 8
 
 
 @dataclass(frozen=True)
@@ -221,6 +230,9 @@ class SweepConfig:
         _validate_ensemble(self.ensemble, where)
         _check(self.checkpoint.resume_every >= 1, where, "checkpoint.resume_every",
                f"an integer >= 1 (epochs between the folds' resume states), got {self.checkpoint.resume_every}")
+        _check(self.checkpoint.keep_trials is None or self.checkpoint.keep_trials >= 1, where,
+               "checkpoint.keep_trials", f"null or an integer >= 1 (trials that keep their fold models), "
+               f"got {self.checkpoint.keep_trials}")
         _check(self.failure.max_failures >= -1, where, "failure.max_failures",
                f"an integer >= -1 (-1 retries forever), got {self.failure.max_failures}")
         if self.logging.mlflow_tracking_uri is not None:
@@ -375,6 +387,8 @@ def _validate_resources(res: ResourcesConfig, where: str) -> None:
     g = res.gpus_per_fold
     _check(g >= 0 and (g <= 1 or float(g).is_integer()), where, "resources.gpus_per_fold",
            f"0, a fraction in (0, 1], or a whole number of GPUs, got {g}")
+    _check(res.fold_memory_gb is None or res.fold_memory_gb > 0, where, "resources.fold_memory_gb",
+           f"null or a number of GiB > 0 (the memory one fold's training step may peak at), got {res.fold_memory_gb}")
 
 
 def _validate_ensemble(ens: EnsembleConfig, where: str) -> None:

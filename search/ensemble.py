@@ -40,7 +40,7 @@ import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,8 @@ def _read_trials(tune_dir: Path) -> list[_TrialInfo]:
         cv = [v for v in (finite_float(r.get("cv_score")) for r in rows) if v is not None]
         checkpoint = trial.checkpoint
         error = _trial_error(trial) if trial.status == "ERROR" else None
+        if rows and rows[-1].get("infeasible"):  # its batch did not fit: no epoch ran (trainables/trial.py)
+            error = str(rows[-1].get("infeasible_reason") or "its batch does not fit in memory")
         trials.append(_TrialInfo(
             trial_id=trial.trial_id, status=trial.status,
             params=dict(trial.config or {}),
@@ -175,6 +177,10 @@ def _trial_error(trial: Any) -> str:
     return lines[-1][:300] if lines else "errored (no error file)"
 
 
+class ModelsNotKept(EnsembleError):
+    """A trial's fold models were deleted by the checkpoint budget (search/checkpoint_budget.py): not a failure."""
+
+
 @dataclass(frozen=True)
 class _TrialModels:
     """A finished trial's kept fold models, as read from its checkpoint."""
@@ -191,9 +197,15 @@ def _trial_models(info: _TrialInfo) -> _TrialModels:
     """The kept fold models of a finished trial, from its checkpoint's trial.json and best/best.json."""
     from trainables.trial import BEST_DIR, TRIAL_JSON, read_best
 
+    from search.checkpoint_budget import REMOVED_JSON, models_removed
+
     assert info.checkpoint is not None
     directory = Path(info.checkpoint)
     where = str(directory / TRIAL_JSON)
+    removed = models_removed(str(directory))
+    if removed is not None:
+        raise ModelsNotKept(f"{directory / BEST_DIR / REMOVED_JSON}: trial {info.trial_id}'s fold models were "
+                            f"deleted by the checkpoint budget: {removed.get('reason', 'no reason recorded')}.")
     try:
         trial = json.loads((directory / TRIAL_JSON).read_text())
         best = read_best(directory)
@@ -340,10 +352,14 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
     ens = config.ensemble
     kept: dict[str, _TrialModels] = {}
     failures: dict[str, str] = {}
+    not_kept: set[str] = set()  # trials whose models the checkpoint budget deleted (failures says why)
     for info in trials:
         if info.status == "TERMINATED" and info.checkpoint is not None:
             try:
                 kept[info.trial_id] = _trial_models(info)
+            except ModelsNotKept as error:
+                failures[info.trial_id] = str(error)
+                not_kept.add(info.trial_id)
             except EnsembleError as error:
                 failures[info.trial_id] = str(error)
                 logger.warning("trial %s is not ensembled: %s", info.trial_id, error)
@@ -357,7 +373,7 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     ensembled = {t: kept[t] for t in selection_preds}
     if not ensembled:
-        rows = _leaderboard_rows(trials, kept, {}, {}, failures, greedy=None, final=None)
+        rows = _leaderboard_rows(trials, kept, {}, {}, failures, greedy=None, final=None, not_kept=not_kept)
         logger.warning("%s: no trial could be ensembled; %s not written.", experiment_dir, BEST_ENSEMBLE_JSON)
         return _write_leaderboard(rows, experiment_dir, summary="No trial could be ensembled.")
 
@@ -436,7 +452,7 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
         logger.warning("%s: the split holds no test images; the chosen ensemble has no test figures.", split_path)
 
     rows = _leaderboard_rows(trials, kept, per_trial, singles, failures, greedy=greedy, final=final,
-                             best_single=best_single)
+                             best_single=best_single, not_kept=not_kept)
     summary = _summary(winner, best_trial, greedy, final, best_single, singles)
     csv_path = _write_leaderboard(rows, experiment_dir, summary=summary)
     _write_best_ensemble(experiment_dir, winner, split_hash=split.hash,
@@ -549,16 +565,18 @@ def _metric_fields(metrics: Mapping[str, float] | None) -> dict[str, float | Non
 def _leaderboard_rows(trials: Sequence[_TrialInfo], kept: Mapping[str, _TrialModels],
                       per_trial: Mapping[str, _Candidate], singles: Mapping[str, Mapping[str, float]],
                       failures: Mapping[str, str], *, greedy: _Candidate | None,
-                      final: Mapping[str, Any] | None, best_single: str | None = None) -> list[LeaderboardRow]:
+                      final: Mapping[str, Any] | None, best_single: str | None = None,
+                      not_kept: Collection[str] = ()) -> list[LeaderboardRow]:
     rows = []
     for info in trials:
         candidate = per_trial.get(info.trial_id)
         if candidate:
             status, error = "ensembled", None
         elif info.trial_id in failures:
-            status, error = "ensemble failed", failures[info.trial_id]
+            status = "models not kept" if info.trial_id in not_kept else "ensemble failed"
+            error = failures[info.trial_id]
         elif info.status == "TERMINATED":
-            status, error = "no checkpoint", None
+            status, error = ("infeasible", info.error) if info.error else ("no checkpoint", None)
         else:
             status, error = info.status, info.error
         params = info.params

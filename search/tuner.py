@@ -204,16 +204,18 @@ def build_searcher(config: SweepConfig, *, study_name: str = "detsweep") -> Any:
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
-    from search.optuna_search import PruningAwareOptunaSearch
+    from search.optuna_search import PruningAwareOptunaSearch, memory_constraint
 
     search = config.search
     with warnings.catch_warnings():
         # multivariate/group/constant_liar are marked experimental in Optuna 4.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # group=True: TPE models the per-detector `lr_<arch>_<backbone>` params as conditional groups;
-        # constant_liar: trials still running count as bad, so parallel trials spread out.
+        # constant_liar: trials still running count as bad, so parallel trials spread out; memory_constraint:
+        # a trial whose batch did not fit (the probe before its folds start) is learnt as infeasible.
         sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True, constant_liar=True,
-                                             n_startup_trials=search.n_startup_trials)
+                                             n_startup_trials=search.n_startup_trials,
+                                             constraints_func=memory_constraint)
     first = [{"detector": d.key} for d in config.detectors] if search.each_detector_first else None
     searcher = PruningAwareOptunaSearch(space=build_search_space(config=config), metric=search.metric,
                                         mode=search.mode, sampler=sampler, study_name=study_name,
@@ -311,6 +313,7 @@ def build_trainable(config: SweepConfig, *, experiment_dir: Path, remote: str | 
                        split_path=join_uri(remote, SPLIT_JSON) if remote else str(local / SPLIT_JSON),
                        resources=config.resources, detector_bases=config.detector_bases,
                        resume_every=config.checkpoint.resume_every,
+                       metric=config.search.metric, mode=config.search.mode,
                        data_summary=json.loads(summary.read_text()) if summary.is_file() else None)
     trainable = tune.with_parameters(sweep_trial, setup=setup)
     return tune.with_resources(trainable, trial_resources(config.data.num_folds, config.resources))
@@ -325,6 +328,7 @@ def build_run_config(config: SweepConfig, *, experiment_dir: Path, remote: str |
     """Tune writes `<experiment>/tune`: into the folder, or straight to the experiment's URI (`remote`)."""
     from ray import tune
 
+    from search.checkpoint_budget import CheckpointBudget
     from search.failures import FailurePolicy
 
     reporter = tune.CLIReporter(
@@ -350,8 +354,11 @@ def build_run_config(config: SweepConfig, *, experiment_dir: Path, remote: str |
         failure_config=tune.FailureConfig(max_failures=config.failure.max_failures),
         progress_reporter=reporter,
         verbose=2,
-        # FailurePolicy: bad data stops the sweep, deterministic failures are not retried (search/failures.py).
-        callbacks=[*_logger_callbacks(config), FailurePolicy()],
+        # FailurePolicy: bad data stops the sweep, deterministic failures are not retried (search/failures.py);
+        # CheckpointBudget: ended trials lose their resume states, and all but the best keep_trials their models.
+        callbacks=[*_logger_callbacks(config), FailurePolicy(),
+                   CheckpointBudget(metric=config.search.metric, mode=config.search.mode,
+                                    keep_trials=config.checkpoint.keep_trials)],
     )
 
 

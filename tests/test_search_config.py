@@ -123,8 +123,10 @@ BAD_CASES = [
                  "custom Ray resource", id="coordinator-resource-builtin"),
     pytest.param({"checkpoint": {"resume_every": 0}}, "checkpoint.resume_every", ">= 1", id="resume-every-0"),
     pytest.param({"search": {"scheduler": "hyperband"}}, "search.scheduler", "'asha'", id="unknown-scheduler"),
-    pytest.param({"search": {"scheduler": "asha", "asha": {"grace_period": 99}}}, "search.asha.grace_period",
-                 "train.epochs=20", id="asha-grace-beyond-epochs"),
+    pytest.param({"train": {"epochs": 20}, "search": {"scheduler": "asha", "asha": {"grace_period": 99}}},
+                 "search.asha.grace_period", "train.epochs=20", id="asha-grace-beyond-epochs"),
+    pytest.param({"checkpoint": {"keep_trials": 0}}, "checkpoint.keep_trials", ">= 1", id="keep-no-trials"),
+    pytest.param({"resources": {"fold_memory_gb": 0}}, "resources.fold_memory_gb", "> 0", id="no-fold-memory"),
     pytest.param({"search": {"metric": "accuracy"}}, "search.metric", "score_mean", id="unknown-metric"),
     pytest.param({"search": {"space": {"score_threshold": {"low": 0.5, "high": 1.0}}}},
                  "search.space.score_threshold", "[0.0, 1.0)", id="threshold-up-to-one"),
@@ -212,9 +214,9 @@ def test_mlflow_logging_needs_the_optional_extra(tmp_path, deepforest_root):
     base = f"data:\n  path: {deepforest_root}\n"
     plain = tmp_path / "plain.yaml"
     plain.write_text(base)
-    # Without MLflow only the failure policy (search/failures.py) is called back.
+    # Without MLflow only the failure policy (search/failures.py) and the checkpoint budget are called back.
     plain_callbacks = build_run_config(load_sweep_config(plain), experiment_dir=tmp_path).callbacks
-    assert [type(c).__name__ for c in plain_callbacks] == ["FailurePolicy"]
+    assert [type(c).__name__ for c in plain_callbacks] == ["FailurePolicy", "CheckpointBudget"]
     with_mlflow = tmp_path / "mlflow.yaml"
     with_mlflow.write_text(base + f"logging:\n  mlflow_tracking_uri: file://{tmp_path}/mlruns\n")
     if importlib.util.find_spec("mlflow") is None:
@@ -222,7 +224,8 @@ def test_mlflow_logging_needs_the_optional_extra(tmp_path, deepforest_root):
             load_sweep_config(with_mlflow)
     else:
         callbacks = build_run_config(load_sweep_config(with_mlflow), experiment_dir=tmp_path).callbacks
-        assert sorted(type(c).__name__ for c in callbacks) == ["FailurePolicy", "MLflowLoggerCallback"]
+        assert sorted(type(c).__name__ for c in callbacks) == ["CheckpointBudget", "FailurePolicy",
+                                                                "MLflowLoggerCallback"]
 
 
 def test_a_detector_choice_brings_its_own_model_and_train_keys(coco_json):

@@ -226,3 +226,27 @@ def test_checkpoints_between_resume_states_hold_no_fold_states_and_still_resume(
     assert trial_json["states_epoch"] == 4 and trial_json["states_checkpoint"] is None
     # On storage: the latest checkpoint (with fold states) only.
     assert [p.name for p in Path(result.path).glob("checkpoint_*")] == [final.name]
+
+
+def test_a_batch_that_does_not_fit_ends_the_trial_as_infeasible_before_its_first_epoch(
+    local_ray: None, deepforest_root: Path, tmp_path: Path
+) -> None:
+    """The memory probe (resources.fold_memory_gb on CPU): under a 50 MiB bound, which no torch process with a
+    detector stays within, the trial reports infeasible with the measured peak, trains no epoch and is not an
+    error; under a 64 GiB bound the probe passes and the trial trains, its peak in every report."""
+    split = Split(selection=(), test=(), folds=((0, 1), (2, 3)), seed=0)
+    setup = make_setup(deepforest_root, split, tmp_path, epochs=1, batch_size=2)
+    tight = dataclasses.replace(setup, resources=dataclasses.replace(RESOURCES, fold_memory_gb=50 / 1024))
+    (result,) = fit(tight, tmp_path / "tight", {"lr": 0.01})
+    assert result.error is None and result.checkpoint is None
+    metrics = result.metrics
+    assert metrics["infeasible"] == 1 and metrics["epoch"] == 0 and metrics["cv_score"] == 0.0
+    assert metrics["memory_limit_mb"] == pytest.approx(50) and metrics["memory_probe_peak_mb"] > 50
+    assert metrics["memory_excess"] == pytest.approx(metrics["memory_probe_peak_mb"] / 50 - 1)
+    assert "batch 2 at 64 px does not fit on cpu" in metrics["infeasible_reason"]
+    assert len(result.metrics_dataframe) == 1  # the one infeasible report: no epoch ran
+
+    roomy = dataclasses.replace(setup, resources=dataclasses.replace(RESOURCES, fold_memory_gb=64.0))
+    (result,) = fit(roomy, tmp_path / "roomy", {"lr": 0.01})
+    assert result.error is None and result.metrics["epoch"] == 1 and "infeasible" not in result.metrics
+    assert 50 < result.metrics["memory_probe_peak_mb"] < 64 * 1024

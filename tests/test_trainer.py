@@ -86,3 +86,30 @@ def test_same_seed_same_first_epoch_loss(deepforest_root, deepforest_index):
     a = FoldTrainer(cfg, deepforest_index, train_ids=ids, val_ids=ids).train_epoch()["loss"]
     b = FoldTrainer(cfg, deepforest_index, train_ids=ids, val_ids=ids).train_epoch()["loss"]
     assert a == b
+
+
+@pytest.mark.parametrize("arch, backbone", [("faster_rcnn", "mobilenet_v2"), ("fcos_tal", "tf_efficientnet_lite0")])
+def test_memory_probe_measures_one_step_and_leaves_the_fold_as_it_was(deepforest_root, deepforest_index, arch,
+                                                                       backbone):
+    """The batch-size probe (detection/memory_probe.py): a peak, a verdict against a bound, and afterwards the
+    same weights, buffers and first-epoch loss as a fold that was never probed."""
+    ids = most_boxed_train_tiles(deepforest_index, 2)
+    cfg = tiny_config(deepforest_root, epochs=1, image_size=96, augment=False)
+    cfg = cfg.with_overrides(model={"arch": arch, "backbone": backbone},
+                             train={"optimizer": "adamw" if arch == "fcos_tal" else "sgd", "lr": 1e-3})
+    probed = FoldTrainer(cfg, deepforest_index, train_ids=ids, val_ids=ids)
+    before = {k: v.clone() for k, v in probed.model.state_dict().items()}
+
+    probe = probed.probe_memory()
+    assert probe.fits and probe.peak_bytes > 10 * 2**20 and probe.limit_bytes is None  # CPU: no bound given
+    assert (probe.batch_size, probe.image_size, probe.device) == (2, 96, "cpu")
+    tight = probed.probe_memory(limit_bytes=2**20)  # 1 MiB: no detector step fits
+    assert not tight.fits and tight.excess > 0 and "bound 1 MiB" in tight.describe()
+    after = probed.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in probed.model.parameters())
+
+    probed_loss = probed.train_epoch()["loss"]
+    # (built after the probed fold trained: building a fold reseeds torch's global RNG, as training draws from it)
+    fresh = FoldTrainer(cfg, deepforest_index, train_ids=ids, val_ids=ids)
+    assert probed_loss == fresh.train_epoch()["loss"]

@@ -140,6 +140,12 @@ class FoldWorker:
         """Where the fold runs (node id, pid, device, threads), its image counts and the dataset's classes."""
         return dict(self._info)
 
+    def probe_memory(self, limit_bytes: int | None = None, device_share: float = 1.0) -> dict[str, Any]:
+        """`FoldTrainer.probe_memory`: one training step's peak memory against `limit_bytes` (on CUDA by default
+        the GPU's memory x `device_share`), as `MemoryProbe.to_json` ("fits", "excess") plus node_id and pid;
+        the fold is left as it was."""
+        return {**self.trainer.probe_memory(limit_bytes, device_share).to_json(), **self._where()}
+
     def train_epoch(self) -> dict[str, Any]:
         """One training epoch: `FoldTrainer.train_epoch()` (mean losses incl. "loss", "epoch" 1-based)
         plus node_id, pid and wall-clock "start"/"end" (seconds since the epoch, `time.time()`)."""

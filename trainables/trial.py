@@ -153,6 +153,8 @@ class FoldResources(Protocol):
     coordinator_cpus: float
     # optional: a custom resource (1 unit) the coordinator bundle asks for; None or absent: none
     coordinator_resource: str | None
+    # optional: the bound (GiB) of the memory probe before the folds train; None or absent: only on CUDA
+    fold_memory_gb: float | None
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ class TrialSetup:
             `base` (the detector's own model/train keys: `search.config.SweepConfig.detector_bases`).
         resume_every: the checkpoint of every `resume_every`-th epoch, and of the trial's last, holds the folds'
             resume states (`folds/`); the others only `best/` and trial.json (`search.config.CheckpointConfig`).
+        metric, mode: the search's; a trial whose batch does not fit reports the metric's worst value.
     """
 
     base: ExperimentConfig
@@ -181,6 +184,8 @@ class TrialSetup:
     data_summary: Mapping[str, Any] | None = None
     detector_bases: Mapping[str, ExperimentConfig] = field(default_factory=dict)
     resume_every: int = 1
+    metric: str = "cv_score"
+    mode: str = "max"
 
     def base_for(self, params: Mapping[str, Any]) -> ExperimentConfig:
         """The config a trial with these sampled params starts from (its detector's, else `base`)."""
@@ -483,6 +488,7 @@ class _Trial:
         self.catch_up_to = 0
         self.improved = False  # some fold's best model changed in the latest epoch
         self.stopped = False  # every fold's early stopping has fired
+        self.memory_probe: dict[str, Any] | None = None  # FoldWorker.probe_memory() of a fresh trial, if run
         self.oof_threshold = 0.5  # F1-optimal on the pooled out-of-fold predictions (updated every epoch)
         self.manifest = build_trial_manifest(
             dataset_path=self.config.data.path, split_path=setup.split_path, split=self.split,
@@ -551,6 +557,41 @@ class _Trial:
                     self.fold_info[k] = ray.get(self.workers[k].info.remote())
                 except _LOST as error:
                     self._replace(k, error)
+        if self.epoch == 0:
+            self.memory_probe = self._probe_memory()
+
+    def _probe_memory(self) -> dict[str, Any] | None:
+        """One training step of fold 0 at the trial's largest input and batch size (all folds train the same
+        model on the same device type): on CUDA always, on CPU only with `resources.fold_memory_gb`."""
+        bound = getattr(self.setup.resources, "fold_memory_gb", None)
+        if bound is None and not str(self.fold_info[0].get("device", "cpu")).startswith("cuda"):
+            return None
+        try:
+            share = float(self.setup.resources.gpus_per_fold) or 1.0  # folds sharing a GPU get their share
+            probe = ray.get(self.workers[0].probe_memory.remote(int(bound * 2**30) if bound else None, share))
+        except _LOST as error:  # the fold is recreated by the first epoch; the probe is not worth a retry
+            logger.warning("trial %s: fold 0 was lost during the memory probe (%s); training without it",
+                           self.trial_id, type(error).__name__)
+            return None
+        logger.info("trial %s: memory probe: %s", self.trial_id, probe)
+        return probe
+
+    def report_infeasible(self, probe: Mapping[str, Any]) -> None:
+        """End the trial before its first epoch: its batch does not fit. The search metric gets its worst value
+        and `memory_excess` (> 0) tells Optuna why (search/optuna_search.py)."""
+        mib = 2**20
+        limit = probe.get("limit_bytes")
+        message = (f"batch {probe['batch_size']} at {probe['image_size']} px does not fit on {probe['device']}: "
+                   + ("out of memory" if probe.get("out_of_memory") else
+                      f"one step peaked at {probe['peak_bytes'] / mib:.0f} MiB against {limit / mib:.0f} MiB"))
+        logger.warning("trial %s: infeasible: %s", self.trial_id, message)
+        tune.report({
+            self.setup.metric: 0.0 if self.setup.mode == "max" else math.inf,
+            "infeasible": 1, "infeasible_reason": message, "memory_excess": float(probe["excess"]),
+            "memory_probe_peak_mb": probe["peak_bytes"] / mib,
+            "memory_limit_mb": limit / mib if limit else None,
+            "epoch": 0, "finished": 1, "coordinator_pid": os.getpid(),
+        })
 
     def _replace(self, k: int, error: BaseException) -> None:
         """Recreate fold k in its bundle from its last state after its actor or node was lost."""
@@ -660,6 +701,8 @@ class _Trial:
             "resumed_epoch": self.resumed_epoch,
             "coordinator_pid": os.getpid(),
             "coordinator_node_id": ray.get_runtime_context().get_node_id(),
+            # what the probe before the first epoch measured (only when it ran: CUDA, or a CPU bound)
+            **({"memory_probe_peak_mb": self.memory_probe["peak_bytes"] / 2**20} if self.memory_probe else {}),
         }
 
     def trial_json(self) -> dict[str, Any]:
@@ -724,6 +767,9 @@ class _Trial:
 
     def run(self) -> None:
         self.start()
+        if self.memory_probe is not None and not self.memory_probe["fits"]:
+            self.report_infeasible(self.memory_probe)
+            return
         while self.epoch < self.config.train.epochs and not self.stopped:
             started = time.perf_counter()
             results = self.run_epoch()
