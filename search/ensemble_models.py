@@ -71,8 +71,8 @@ class EnsembleModel:
 class EnsembleSpec:
     """Everything needed to rebuild an ensemble's models and fuse their predictions.
 
-    `name` is the trial id of a trial's own ensemble, or `GREEDY` for the cross-trial one. The models may
-    come from several trials (each has its arch, backbone and input size). `best_ensemble.json` is
+    `name` is the trial id of a trial's own ensemble, or `search.ensemble.GREEDY` for the cross-trial one. The
+    models may come from several trials (each has its arch, backbone and input size). `best_ensemble.json` is
     `to_json()` of the chosen ensemble (plus its selection and test metrics and the split hash). Labels are
     contiguous `1..num_classes`; label `i + 1` is `class_names[i]`, COCO category `category_ids[i]`.
     """
