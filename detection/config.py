@@ -58,6 +58,9 @@ class DataConfig:
         _check(self.num_workers >= 0, where, "data.num_workers", f">= 0, got {self.num_workers}")
 
 
+TORCHVISION_TEST_PROPOSALS = 1000  # FasterRCNN's rpn_post_nms_top_n_test
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "faster_rcnn"  # faster_rcnn | fcos_tal
@@ -77,15 +80,21 @@ class ModelConfig:
     # the box head dominates a CPU step at small sizes, so CPU configs lower them.
     roi_batch_size_per_image: int = 512
     rpn_post_nms_top_n_train: int = 2000
+    # faster_rcnn: proposals the box head scores per image at inference (torchvision's 1000); it dominates a CPU
+    # evaluation, and a few hundred proposals cover scenes of tens of objects.
+    rpn_post_nms_top_n_test: int = TORCHVISION_TEST_PROPOSALS
     # fcos_tal: PAN neck channels and convs per head tower (None: 256 and 4, as FCOS); a CPU config lowers them.
     neck_channels: int | None = None
     head_convs: int | None = None
 
     @property
     def architecture_options(self) -> dict[str, int]:
-        """The `build_detector` keywords beyond arch/backbone that change the model's state dict: what a saved
-        model must be rebuilt with (the ensemble job records them per model)."""
-        return {k: getattr(self, k) for k in ("neck_channels", "head_convs") if getattr(self, k) is not None}
+        """The `build_detector` keywords beyond arch/backbone that change the model's state dict or what it
+        predicts: what a saved model must be rebuilt with (the ensemble job records them per model)."""
+        options = {k: getattr(self, k) for k in ("neck_channels", "head_convs") if getattr(self, k) is not None}
+        if self.arch == "faster_rcnn" and self.rpn_post_nms_top_n_test != TORCHVISION_TEST_PROPOSALS:
+            options["rpn_post_nms_top_n_test"] = self.rpn_post_nms_top_n_test
+        return options
 
     def __post_init__(self) -> None:
         if self.pretrained is None:
@@ -121,6 +130,8 @@ class ModelConfig:
                f">= 1, got {self.roi_batch_size_per_image}")
         _check(self.rpn_post_nms_top_n_train >= 1, where, "model.rpn_post_nms_top_n_train",
                f">= 1, got {self.rpn_post_nms_top_n_train}")
+        _check(self.rpn_post_nms_top_n_test >= 1, where, "model.rpn_post_nms_top_n_test",
+               f">= 1, got {self.rpn_post_nms_top_n_test}")
         for key in ("neck_channels", "head_convs"):
             value = getattr(self, key)
             _check(value is None or value >= 1, where, f"model.{key}", f"null or an integer >= 1, got {value}")

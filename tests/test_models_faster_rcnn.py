@@ -128,3 +128,21 @@ def test_fcos_tal_is_dispatched_lazily_and_takes_no_anchor_shapes() -> None:
     with pytest.raises(ValueError, match=r"anchor_shapes.*fcos_tal"):
         build_detector(arch="fcos_tal", backbone="mobilenet_v2", num_classes=2, image_size=64,
                        start="none", anchor_shapes=[[10.0, 10.0]])
+
+
+def test_inference_proposals_reach_the_rpn_and_travel_with_a_saved_model():
+    """`model.rpn_post_nms_top_n_test` (CPU configs lower it: the box head dominates an evaluation) sets the RPN's
+    test-time proposals, training's stay, and the ensemble job rebuilds a saved model with it
+    (`ModelConfig.architecture_options`); torchvision's 1000 is not recorded."""
+    from detection.config import ModelConfig
+    from detection.models.factory import build_detector
+
+    config = ModelConfig(arch="faster_rcnn", backbone="mobilenet_v2", start="none", rpn_post_nms_top_n_test=300)
+    model = build_detector(arch="faster_rcnn", backbone="mobilenet_v2", num_classes=2, image_size=96, start="none",
+                           rpn_post_nms_top_n_train=500, **config.architecture_options)
+    assert model.rpn._post_nms_top_n == {"training": 500, "testing": 300}
+    assert ModelConfig().architecture_options == {}
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 96, 96)])
+    assert out["boxes"].shape[1] == 4

@@ -242,7 +242,7 @@ def test_a_detector_choice_brings_its_own_model_and_train_keys(coco_json):
     assert (fcos.train.optimizer, fcos.model.neck_channels, fcos.model.head_convs) == ("adamw", 96, 2)
     assert fcos.model.architecture_options == {"neck_channels": 96, "head_convs": 2}
     frcnn = cfg.detector_bases["faster_rcnn/mobilenet_v2"]
-    assert frcnn.train.optimizer == cfg.train.optimizer == "sgd" and frcnn.model.architecture_options == {}
+    assert frcnn.train.optimizer == cfg.train.optimizer == "sgd" and frcnn.model.architecture_options == {"rpn_post_nms_top_n_test": 300}
     # A trial of that detector starts from its base; the sampled params go on top.
     setup = TrialSetup(base=cfg.base, split=None, split_path="split.json", resources=cfg.resources,
                        detector_bases=cfg.detector_bases)

@@ -27,6 +27,7 @@ def build_detector(
     trainable_layers: int = 3,
     roi_batch_size_per_image: int = 512,
     rpn_post_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_test: int = 1000,
     freeze_backbone_epochs: int = 0,
     neck_channels: int | None = None,
     head_convs: int | None = None,
@@ -48,8 +49,8 @@ def build_detector(
             `"detection"`, the backbone's classification state dict for `"backbone"`.
         anchor_shapes: faster_rcnn only: [k, 2] (w, h) pixels at `image_size` from k-means.
         trainable_layers: backbone stages left trainable (0..5).
-        roi_batch_size_per_image, rpn_post_nms_top_n_train: faster_rcnn only: RoIs sampled per image and
-            training proposals kept (see `build_faster_rcnn`).
+        roi_batch_size_per_image, rpn_post_nms_top_n_train, rpn_post_nms_top_n_test: faster_rcnn only: RoIs
+            sampled per image, proposals kept in training and at inference (see `build_faster_rcnn`).
         freeze_backbone_epochs: fcos_tal only: backbone frozen for this many epochs (`model.set_epoch`).
         neck_channels, head_convs: fcos_tal only: PAN neck width and convs per head tower (None: the
             builder's defaults).
@@ -74,6 +75,7 @@ def build_detector(
                 backbone=backbone, num_classes=num_classes, image_size=image_size, start=start,
                 weights_path=weights_path, anchor_shapes=anchor_shapes, trainable_layers=trainable_layers,
                 roi_batch_size_per_image=roi_batch_size_per_image, rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+                rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
             )
         case "fcos_tal":
             if anchor_shapes is not None:

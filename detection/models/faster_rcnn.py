@@ -47,6 +47,7 @@ def build_faster_rcnn(
     trainable_layers: int = 3,
     roi_batch_size_per_image: int = 512,
     rpn_post_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_test: int = 1000,
 ) -> FasterRCNN:
     """Faster R-CNN with `BACKBONES[backbone]` + FPN.
 
@@ -65,6 +66,8 @@ def build_faster_rcnn(
         roi_batch_size_per_image, rpn_post_nms_top_n_train: RoIs sampled per image for the box head and
             proposals kept in training (torchvision's 512 / 2000). The box head's RoIAlign backward and fc6
             dominate a CPU step at small image sizes, so CPU configs lower them (e.g. 128 / 500).
+        rpn_post_nms_top_n_test: proposals the box head scores per image at inference (torchvision's 1000); the
+            box head dominates a CPU evaluation.
     Returns:
         torchvision's `FasterRCNN`: train mode `model(images, targets)` -> dict of losses; eval mode
         `model(images)` -> list of {"boxes" float [N, 4] xyxy absolute, "scores" [N], "labels" int64 [N] in 1..C}.
@@ -100,6 +103,7 @@ def build_faster_rcnn(
         box_detections_per_img=MAX_DETECTIONS,
         box_batch_size_per_image=roi_batch_size_per_image,
         rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
     )
     if start == "detection":
         weights = detection_checkpoint("faster_rcnn", backbone)
