@@ -159,6 +159,7 @@ def test_json_round_trip_and_hash_verified(tmp_path):
     path = split.to_json(tmp_path / "exp" / "split.json")
     loaded = Split.from_json(path)
     assert loaded == split and loaded.hash == split.hash == json.loads(path.read_text())["hash"]
+    assert [p.name for p in path.parent.iterdir()] == ["split.json"]  # written beside, then moved onto it
 
     data = json.loads(path.read_text())
     data["folds"][0][0], data["folds"][1][0] = data["folds"][1][0], data["folds"][0][0]  # an edit

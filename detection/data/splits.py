@@ -36,6 +36,7 @@ import numpy as np
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from detection.data.coco import CocoIndex, DatasetError, ImageRecord
+from detection.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +125,8 @@ class Split:
 
     def to_json(self, path: str | Path) -> Path:
         """Write ``{"version", "seed", "selection", "test", "folds", "excluded", "hash"}`` atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"version": SPLIT_FORMAT_VERSION, **self._payload(), "hash": self.hash}, indent=1))
-        tmp.replace(path)  # readers never see half a file
-        return path
+        payload = {"version": SPLIT_FORMAT_VERSION, **self._payload(), "hash": self.hash}
+        return atomic_write_text(path, json.dumps(payload, indent=1))  # readers never see half a file
 
     @classmethod
     def from_json(cls, path: str | Path) -> Split:
