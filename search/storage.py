@@ -9,8 +9,10 @@ the trial: no shared filesystem needed), and the driver keeps a local mirror of 
 
 Commands that read an experiment (`status`, `ensemble`, `report`, `export-best`, `resume`) first `pull`
 it into the mirror, leaving out the fold resume states (`folds/`, the bulk of each checkpoint), and work
-on local files. URIs are pyarrow filesystem URIs (what Ray Tune's `storage_path` takes); an S3-compatible
-store is named with query options, e.g. `s3://bucket/x?endpoint_override=host:9000&scheme=http`.
+on local files. `pyarrow.fs.copy_files` copies only files that changed: each copy gets the URI's
+modification time (as `rsync -t`), and a file whose size and mtime match the URI's is left alone.
+URIs are pyarrow filesystem URIs (what Ray Tune's `storage_path` takes); an S3-compatible store is named
+with query options, e.g. `s3://bucket/x?endpoint_override=host:9000&scheme=http`.
 Credentials come from the environment (AWS_* variables, an instance profile), never from configs.
 """
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import logging
 import os
 import re
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
+
+from detection.files import PART_SUFFIX, atomic_path
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -35,7 +38,7 @@ __all__ = ["CACHE_ENV", "Experiment", "exists", "is_uri", "join_uri", "mirror_di
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "DETSWEEP_CACHE"  # root of the local mirrors (default ~/.cache/detsweep)
-SYNCED = ".detsweep-synced.json"  # in a mirror: size and mtime of each file when the URI last matched it
+_OLD_RECORD = ".detsweep-synced.json"  # the sync record of mirrors made before mtimes did its job
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -84,6 +87,31 @@ def _excluded(relative: str, exclude: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(part, pattern) for part in relative.split("/") for pattern in exclude)
 
 
+def _files(fs: pyarrow.fs.FileSystem, root: str) -> dict[str, pyarrow.fs.FileInfo]:
+    """The files under `root`, by their path relative to it."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {info.path[len(root):].lstrip("/"): info for info in infos if info.type == pyarrow.fs.FileType.File}
+
+
+def _same(path: Path, info: pyarrow.fs.FileInfo) -> bool:
+    """Whether the local file has the size and modification time of the URI's `info` (to the millisecond)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return False
+    return (info.mtime_ns is not None and stat.st_size == info.size
+            and abs(stat.st_mtime_ns - info.mtime_ns) < 1_000_000)
+
+
+def _stamp(path: Path, info: pyarrow.fs.FileInfo) -> None:
+    """Give the local file the URI's modification time (as `rsync -t`): until either side is written
+    again, the two count as the same file, with no record kept beside the mirror."""
+    if info.mtime_ns is not None:
+        os.utime(path, ns=(info.mtime_ns, info.mtime_ns))
+
+
 def pull(uri: str, local: Path, *, exclude: tuple[str, ...] = ()) -> int:
     """Copy the files under `uri` into `local`, skipping paths with a component matching an `exclude`
     pattern and files whose local copy has the same size and modification time. Returns files copied."""
@@ -91,76 +119,48 @@ def pull(uri: str, local: Path, *, exclude: tuple[str, ...] = ()) -> int:
 
     fs, root = _filesystem(uri)
     try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+        remote = _files(fs, root)
     except OSError as error:
         raise OSError(f"{uri}: cannot list the experiment ({error}).") from error
-    record = _read_record(local)
     copied = 0
-    for info in infos:
-        if info.type != pyarrow.fs.FileType.File:
+    for relative, info in remote.items():
+        target = Path(local) / relative
+        if _excluded(relative, exclude) or _same(target, info):
             continue
-        relative = info.path[len(root):].lstrip("/")
-        if _excluded(relative, exclude):
-            continue
-        target = local / relative
-        mtime = info.mtime.timestamp() if info.mtime is not None else None
-        if not (target.is_file() and target.stat().st_size == info.size and mtime is not None
-                and abs(target.stat().st_mtime - mtime) < 1e-3):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".part")
-            with fs.open_input_stream(info.path) as source, open(tmp, "wb") as sink:
-                while chunk := source.read(1 << 22):
-                    sink.write(chunk)
-            tmp.replace(target)
-            if mtime is not None:
-                os.utime(target, (mtime, mtime))
-            copied += 1
-        record[relative] = [target.stat().st_size, target.stat().st_mtime_ns]  # the URI holds this version
-    _write_record(local, record)
+        with atomic_path(target) as tmp:  # a reader of the mirror never sees half a file
+            pyarrow.fs.copy_files(info.path, os.path.abspath(tmp), source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+        _stamp(target, info)
+        copied += 1
     return copied
 
 
-def _read_record(local: Path) -> dict[str, list[int]]:
-    path = Path(local) / SYNCED
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write_record(local: Path, record: dict[str, list[int]]) -> None:
-    Path(local).mkdir(parents=True, exist_ok=True)
-    (Path(local) / SYNCED).write_text(json.dumps(record))
-
-
-
-
 def push(local: Path, uri: str, *, exclude: tuple[str, ...] = ()) -> int:
-    """Upload the files under `local` (but paths matching `exclude`) to `uri`, skipping files that have not
-    changed since this mirror last uploaded them and that the URI still holds. Returns files uploaded."""
+    """Upload the files under `local` (but paths matching `exclude`) to `uri`, skipping files that the URI
+    holds with the same size and modification time (what `pull` and `push` leave). Returns files uploaded."""
     import pyarrow.fs
 
     fs, root = _filesystem(uri)
-    remote = {
-        info.path[len(root):].lstrip("/"): info.size
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
-        if info.type == pyarrow.fs.FileType.File
-    }
-    record = _read_record(local)
-    uploaded = 0
-    for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+    local = Path(local)
+    (local / _OLD_RECORD).unlink(missing_ok=True)
+    remote = _files(fs, root)
+    uploaded = []
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
         relative = path.relative_to(local).as_posix()
-        if _excluded(relative, exclude) or path.name.endswith(".part") or relative == SYNCED:
+        if _excluded(relative, exclude) or path.name.endswith(PART_SUFFIX) or (
+                relative in remote and _same(path, remote[relative])):
             continue
-        stat = path.stat()
-        if record.get(relative) == [stat.st_size, stat.st_mtime_ns] and remote.get(relative) == stat.st_size:
-            continue
-        if isinstance(fs, pyarrow.fs.LocalFileSystem):  # object stores have no folders to make
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):  # copy_files makes no folders; object stores have none
             fs.create_dir(f"{root}/{relative}".rsplit("/", 1)[0], recursive=True)
-        with open(path, "rb") as source, fs.open_output_stream(f"{root}/{relative}") as sink:
-            while chunk := source.read(1 << 22):
-                sink.write(chunk)
-        record[relative] = [stat.st_size, stat.st_mtime_ns]
-        uploaded += 1
-    _write_record(local, record)
-    return uploaded
+        pyarrow.fs.copy_files(os.path.abspath(path), f"{root}/{relative}",
+                              source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+        uploaded.append(relative)
+    if uploaded:
+        remote = _files(fs, root)  # the store sets a copy's mtime itself
+        for relative in uploaded:
+            if relative in remote:
+                _stamp(local / relative, remote[relative])
+    return len(uploaded)
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,7 @@ def test_push_then_pull_round_trip_skips_excluded_and_unchanged_files(s3: str, t
     assert not (mirror / "tune/t/checkpoint_0/folds").exists()
     assert pull(uri, mirror, exclude=("folds",)) == 0  # nothing changed: nothing copied again
     assert push(local, uri) == 0  # the bucket holds them all already
+    assert push(mirror, uri) == 0  # pulled files carry the bucket's mtimes
     (local / "sweep.yaml").write_text("a: 22\n")
     assert push(local, uri) == 1
     assert pull(uri, mirror, exclude=("folds",)) == 1 and (mirror / "sweep.yaml").read_text() == "a: 22\n"
