@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from detection.files import atomic_write_text
+
 __all__ = ["IMAGE_SUFFIXES", "PredictError", "PredictSummary", "collect_images", "images_file", "predict_images",
            "read_image_file", "write_predictions"]
 
@@ -246,6 +248,4 @@ def _ensemble_info(spec: Any) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1))
-    partial.replace(path)  # a reader never sees half a file
+    atomic_write_text(path, json.dumps(data, indent=1))  # a reader never sees half a file

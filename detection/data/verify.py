@@ -39,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from detection.data.coco import CocoIndex, DatasetError, ImageRecord
+from detection.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -288,15 +289,11 @@ def _write_cache(path: str | Path, cache: Mapping[str, FileFacts]) -> None:
     fields = list(FileFacts.__dataclass_fields__)
     payload = {"version": CACHE_VERSION, "fields": fields,
                "files": {file: [getattr(f, name) for name in fields] for file, f in cache.items()}}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(payload, separators=(",", ":")), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(payload, separators=(",", ":")))
     except OSError as error:
         logger.warning("Cannot write the image check cache %s (%s); the next check reads every file again.",
                        path, error)
-        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ summary

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import urllib.error
 import urllib.request
@@ -38,6 +37,8 @@ import torch
 from torch import nn
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+from detection.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -388,10 +389,8 @@ def install_offline_weights(
         for source in bundled:
             target = target_dir / source.name
             if not (target.is_file() and target.stat().st_size == source.stat().st_size):
-                # copy then rename, so that a reader never sees a half-written checkpoint
-                partial = target.with_name(target.name + ".partial")
-                shutil.copyfile(source, partial)
-                partial.replace(target)
+                with atomic_path(target) as partial:  # a reader never sees a half-written checkpoint
+                    shutil.copyfile(source, partial)
             installed.append(target)
     lite0 = bundled_lite0_file()
     if lite0 is not None:
@@ -456,10 +455,8 @@ def install_timm_hub_weights(name: str, source: str | Path, *, cache_dir: str | 
     repo_dir = Path(cache_dir if cache_dir is not None else hf_hub_cache_dir()) / f"models--{repo_id.replace('/', '--')}"
     target_file = repo_dir / "snapshots" / revision / "model.safetensors"
     if not (target_file.is_file() and _same_tensors(load_file(str(target_file)), converted)):
-        target_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = target_file.with_name(target_file.name + ".partial")
-        save_file(converted, str(partial))
-        partial.replace(target_file)
+        with atomic_path(target_file) as partial:
+            save_file(converted, str(partial))
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / "main").write_text(revision)
     return target_file
