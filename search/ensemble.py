@@ -58,6 +58,7 @@ from search.ensemble_models import (
     predictions_to_coco,
 )
 from search.formatting import finite_float, format_or_dash, markdown_table
+from search.trial_results import TrialResult, error_line, read_trials
 
 __all__ = [
     "BEST_ENSEMBLE_JSON",
@@ -85,19 +86,6 @@ ENSEMBLE_METRICS = ("map", "map_50", "map_75", "f1", "score")
 
 
 # ------------------------------------------------------------------------------------------ the trials
-
-
-@dataclass(frozen=True)
-class _TrialInfo:
-    """What the driver knows of one Tune trial before any model is loaded."""
-
-    trial_id: str
-    status: str  # Tune's: TERMINATED, ERROR, RUNNING, PENDING, PAUSED
-    params: dict[str, Any]
-    checkpoint: str | None  # the latest checkpoint folder
-    cv_score: float | None  # fold mean of each fold's best-epoch score (what the search was told)
-    epochs: int  # epochs reported
-    error: str | None
 
 
 @dataclass(frozen=True)
@@ -134,49 +122,6 @@ LEADERBOARD_COLUMNS = tuple(LeaderboardRow.__dataclass_fields__)
 MAX_TASKS_IN_FLIGHT = 8  # trials whose models sit in Ray's object store at once (3 models each)
 
 
-def _read_trials(tune_dir: Path) -> list[_TrialInfo]:
-    from ray.tune import ExperimentAnalysis
-
-    if not tune_dir.is_dir():
-        raise EnsembleError(f"{tune_dir}: no Ray Tune experiment here; expected the `tune/` folder of a sweep.")
-    analysis = ExperimentAnalysis(str(tune_dir))
-    frames = analysis.trial_dataframes
-    trials = []
-    for trial in analysis.trials:
-        frame = frames.get(trial.trial_id)
-        rows = frame.to_dict("records") if frame is not None and len(frame) else []
-        if not rows and trial.last_result:
-            rows = [dict(trial.last_result)]
-        cv = [v for v in (finite_float(r.get("cv_score")) for r in rows) if v is not None]
-        checkpoint = trial.checkpoint
-        error = _trial_error(trial) if trial.status == "ERROR" else None
-        if rows and rows[-1].get("infeasible"):  # its batch did not fit: no epoch ran (trainables/trial.py)
-            error = str(rows[-1].get("infeasible_reason") or "its batch does not fit in memory")
-        trials.append(_TrialInfo(
-            trial_id=trial.trial_id, status=trial.status,
-            params=dict(trial.config or {}),
-            checkpoint=str(checkpoint.path) if checkpoint is not None else None,
-            cv_score=max(cv) if cv else None,
-            epochs=max((int(r.get("training_iteration", 0) or 0) for r in rows), default=0),
-            error=error,
-        ))
-    return sorted(trials, key=lambda t: t.trial_id)
-
-
-def _trial_error(trial: Any) -> str:
-    """`<type>: <message>` of the exception that ended an errored trial (e.g. `TrialFailed: fold 1: non-finite
-    loss in train: ...`), from Tune's pickled error, else the last line of its error.txt."""
-    try:
-        error = trial.get_pickled_error()
-    except Exception:  # noqa: BLE001 - an error that cannot be unpickled here: fall back to the text
-        error = None
-    if error is not None:
-        return _one_line(error)
-    text = trial.get_error() or ""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "errored (no error file)"
-
-
 class ModelsNotKept(EnsembleError):
     """A trial's fold models were deleted by the checkpoint budget (search/checkpoint_budget.py): not a failure."""
 
@@ -193,14 +138,14 @@ class _TrialModels:
     models: tuple[EnsembleModel, ...]
 
 
-def _trial_models(info: _TrialInfo) -> _TrialModels:
+def _trial_models(info: TrialResult) -> _TrialModels:
     """The kept fold models of a finished trial, from its checkpoint's trial.json and best/best.json."""
     from trainables.trial import BEST_DIR, TRIAL_JSON, read_best
 
     from search.checkpoint_budget import REMOVED_JSON, models_removed
 
     assert info.checkpoint is not None
-    directory = Path(info.checkpoint)
+    directory = info.checkpoint
     where = str(directory / TRIAL_JSON)
     removed = models_removed(str(directory))
     if removed is not None:
@@ -341,7 +286,10 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
     if not split.selection:
         raise EnsembleError(f"{split_path}: the split holds no selection images; expected a Roboflow valid/ folder "
                             "or `data.selection_fraction` > 0.")
-    trials = _read_trials(experiment_dir / TUNE_DIR)
+    if not (experiment_dir / TUNE_DIR).is_dir():
+        raise EnsembleError(f"{experiment_dir / TUNE_DIR}: no Ray Tune experiment here; expected the `tune/` folder "
+                            "of a sweep.")
+    trials = read_trials(experiment_dir / TUNE_DIR)
     if trial_ids is not None:
         known = {t.trial_id for t in trials}
         unknown = sorted(set(trial_ids) - known)
@@ -505,7 +453,7 @@ def _predict_on(jobs: Mapping[str, tuple[Sequence[EnsembleModel], int]], *, ids:
             try:
                 results[name] = ray.get(done)
             except ray.exceptions.RayError as error:  # one bad trial does not sink the job
-                failures[name] = _one_line(error)
+                failures[name] = error_line(error)
                 logger.warning("%s: the ensemble task failed: %s", name, failures[name])
     finally:
         if started_ray:
@@ -537,13 +485,6 @@ def _init_local_ray(*, cpus: float, gpus: float, tasks: int) -> None:
     logger.info("ensemble job: %d prediction tasks of %g CPU / %g GPU on a local Ray", tasks, cpus, gpus)
 
 
-def _one_line(error: BaseException) -> str:
-    """`<type>: <message on one line>` of the error a Ray task or trial raised (RayTaskError wraps it as `.cause`)."""
-    cause = getattr(error, "cause", None) or error
-    message = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
-    return f"{type(cause).__name__}: {message}"[:300]
-
-
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
@@ -562,7 +503,7 @@ def _metric_fields(metrics: Mapping[str, float] | None) -> dict[str, float | Non
     return {m: (float(metrics[m]) if metrics else None) for m in ENSEMBLE_METRICS}
 
 
-def _leaderboard_rows(trials: Sequence[_TrialInfo], kept: Mapping[str, _TrialModels],
+def _leaderboard_rows(trials: Sequence[TrialResult], kept: Mapping[str, _TrialModels],
                       per_trial: Mapping[str, _Candidate], singles: Mapping[str, Mapping[str, float]],
                       failures: Mapping[str, str], *, greedy: _Candidate | None,
                       final: Mapping[str, Any] | None, best_single: str | None = None,
@@ -576,9 +517,9 @@ def _leaderboard_rows(trials: Sequence[_TrialInfo], kept: Mapping[str, _TrialMod
             status = "models not kept" if info.trial_id in not_kept else "ensemble failed"
             error = failures[info.trial_id]
         elif info.status == "TERMINATED":
-            status, error = ("infeasible", info.error) if info.error else ("no checkpoint", None)
+            status, error = ("infeasible", info.infeasible) if info.infeasible else ("no checkpoint", None)
         else:
-            status, error = info.status, info.error
+            status, error = info.status, info.infeasible or info.error
         params = info.params
         trial_models = kept.get(info.trial_id)
         own = [m.key for m in trial_models.models] if trial_models and candidate else []

@@ -476,57 +476,28 @@ class TrialStatus:
 
 
 def sweep_status(experiment_dir: Path) -> list[TrialStatus]:
-    """The trials of a running or finished sweep, best `cv_score` first (no Ray cluster needed).
-
-    Reads Tune's experiment state (trial status and config, saved at least every few seconds and on each
-    checkpoint) and each trial's `result.json` (appended on every report, so it is newer).
-    """
-    from ray.tune import ExperimentAnalysis
+    """The trials of a running or finished sweep, best `cv_score` first (no Ray cluster needed; read by
+    `search.trial_results.read_trials`)."""
+    from search.trial_results import read_trials
 
     tune_dir = Path(experiment_dir).resolve() / TUNE_DIR
     if not tune_dir.is_dir():
         raise ConfigError(f"{experiment_dir}: no Tune experiment ({TUNE_DIR}/) yet; start one with `detsweep sweep`.")
-    # Trials that have not reported yet have no result.json: not worth a warning here.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    for attempt in range(3):
-        try:  # the state file may be half-written while the sweep runs: read again
-            analysis = ExperimentAnalysis(str(tune_dir))
-            break
-        except (ValueError, OSError) as error:
-            if attempt == 2:
-                raise ConfigError(f"{tune_dir}: cannot read the Tune experiment state: {error}") from error
-            time.sleep(1.0)
     rows = []
-    frames = analysis.trial_dataframes
-    for trial in analysis.trials:
-        last: dict[str, Any] = dict(trial.last_result or {})
-        frame = frames.get(trial.trial_id)
-        if frame is not None and len(frame) and int(frame["training_iteration"].iloc[-1]) >= int(
-                last.get("training_iteration", 0)):
-            last = frame.iloc[-1].to_dict()
-        config = trial.config or {}
-        error = None
-        if trial.status == "ERROR":
-            error = _first_error_line(trial)
+    for trial in read_trials(tune_dir):
+        last, config = trial.last, trial.params
         rows.append(TrialStatus(
             trial_id=trial.trial_id, status=trial.status, detector=str(config.get("detector", "?")),
             lr=config.get("lr"), batch_size=config.get("batch_size"),
             score_threshold=finite_float(config.get("score_threshold", last.get("oof_threshold"))),
-            epochs=int(last.get("training_iteration", 0) or 0), cv_score=finite_float(last.get("cv_score")),
+            epochs=trial.epochs, cv_score=trial.cv_score,
             score_mean=finite_float(last.get("score_mean")),
             score_std=finite_float(last.get("score_std")),
             # results written before the rename call it best_score
-            best_fold_score=finite_float(last.get("best_fold_score", last.get("best_score"))), error=error,
+            best_fold_score=finite_float(last.get("best_fold_score", last.get("best_score"))),
+            error=trial.error_file_line if trial.status == "ERROR" else None,
         ))
     return sorted(rows, key=lambda r: (r.cv_score is None, -(r.cv_score or 0.0), r.trial_id))
-
-
-def _first_error_line(trial: Trial) -> str | None:
-    path = trial.storage.trial_fs_path if trial.storage else None
-    if path and (Path(path) / "error.txt").is_file():
-        lines = [line for line in (Path(path) / "error.txt").read_text().splitlines() if line.strip()]
-        return lines[-1][:200] if lines else None
-    return None
 
 
 def format_status(rows: list[TrialStatus], *, num_samples: int | None = None) -> str:
