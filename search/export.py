@@ -42,12 +42,12 @@ def best_trial(experiment_dir: str | Path) -> BestTrial:
         ConfigError: when no trial has reported a result yet.
     """
     from search.ensemble import BEST_ENSEMBLE_JSON
-    from search.report import load_trial_runs
+    from search.trial_results import read_trials
     from search.tuner import TUNE_DIR, load_experiment
 
     experiment_dir = Path(experiment_dir).resolve()
     config = load_experiment(experiment_dir)
-    runs = {run.trial_id: run for run in load_trial_runs(experiment_dir / TUNE_DIR)}
+    runs = {run.trial_id: run for run in read_trials(experiment_dir / TUNE_DIR)}
     best_file = experiment_dir / BEST_ENSEMBLE_JSON
     if best_file.is_file():
         best = json.loads(best_file.read_text())
@@ -57,15 +57,15 @@ def best_trial(experiment_dir: str | Path) -> BestTrial:
         if trial_id not in runs:
             raise ConfigError(f"{best_file}: names trial {trial_id!r}, but {experiment_dir / TUNE_DIR} has trials "
                               f"{sorted(runs)}.")
-        return BestTrial(trial_id=trial_id, params=_params(runs[trial_id].config), source="ensemble",
+        return BestTrial(trial_id=trial_id, params=_params(runs[trial_id].params), source="ensemble",
                          score=(best.get("selection_metrics") or {}).get("score"))
     metric, sign = config.search.metric, (1.0 if config.search.mode == "max" else -1.0)
     scored = [(sign * float(run.last[metric]), run.trial_id) for run in runs.values()
-              if run.results and isinstance(run.last.get(metric), (int, float)) and math.isfinite(run.last[metric])]
+              if run.rows and isinstance(run.last.get(metric), (int, float)) and math.isfinite(run.last[metric])]
     if not scored:
         raise ConfigError(f"{experiment_dir}: no trial has reported `{metric}` yet; nothing to export.")
     _, trial_id = max(scored)
-    return BestTrial(trial_id=trial_id, params=_params(runs[trial_id].config), source="cv",
+    return BestTrial(trial_id=trial_id, params=_params(runs[trial_id].params), source="cv",
                      score=float(runs[trial_id].last[metric]))
 
 

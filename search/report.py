@@ -36,15 +36,16 @@ import math
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from search.formatting import html_table
+from search.trial_results import TrialResult, read_trials
 
-__all__ = ["REPORT_FILE", "TrialRun", "build_report", "load_trial_runs", "write_report"]
+__all__ = ["REPORT_FILE", "build_report", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,66 +54,6 @@ _THUMB_SIZE = 420  # longest side of an image in the grid, pixels
 
 
 # ------------------------------------------------------------------------------------------ inputs
-
-
-@dataclass
-class TrialRun:
-    """One Tune trial as its result file tells it.
-
-    Attributes:
-        trial_id: Tune's trial id (also the name of `ensemble/<trial_id>.json`).
-        folder: the trial folder under `<experiment>/tune`.
-        config: the trial config ("detector", "lr", "batch_size", "score_threshold").
-        results: one dict per `tune.report`, in order (`epoch`, `score_mean`, `fold<k>/score`, ...).
-    """
-
-    trial_id: str
-    folder: Path
-    config: dict[str, Any]
-    results: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def last(self) -> dict[str, Any]:
-        return self.results[-1] if self.results else {}
-
-    def series(self, key: str) -> np.ndarray:
-        """float64 [E]: `key` per reported epoch (NaN where missing)."""
-        return np.array([_number(r.get(key)) for r in self.results], dtype=np.float64)
-
-    @property
-    def epochs(self) -> np.ndarray:
-        return np.array([int(r.get("training_iteration", i + 1)) for i, r in enumerate(self.results)])
-
-    @property
-    def num_folds(self) -> int:
-        keys = {k for r in self.results for k in r if k.startswith("fold") and k.endswith("/score")}
-        return len(keys)
-
-
-def load_trial_runs(tune_dir: str | Path) -> list[TrialRun]:
-    """Every trial under a Tune experiment folder, read from its `result.json` (JSON lines).
-
-    A trial that has not reported yet has no results; a half-written last line (a running sweep) is
-    skipped.
-    """
-    from search.reproducibility import trial_dirs
-
-    runs = []
-    for trial_id, folder in trial_dirs(tune_dir).items():
-        results = []
-        result_file = folder / "result.json"
-        if result_file.is_file():
-            for line in result_file.read_text().splitlines():
-                if line.strip():
-                    try:
-                        results.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        logger.debug("%s: skipping a partial line", result_file)
-        config = dict(results[-1].get("config", {})) if results else {}
-        if not config and (folder / "params.json").is_file():
-            config = json.loads((folder / "params.json").read_text())
-        runs.append(TrialRun(trial_id=trial_id, folder=folder, config=config, results=results))
-    return runs
 
 
 def _number(value: Any) -> float:
@@ -173,7 +114,7 @@ def _text(value: Any) -> str:
     return html.escape(str(value)) if value not in (None, "") else "&ndash;"
 
 
-def _leaderboard_rows(runs: Sequence[TrialRun], experiment_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
+def _leaderboard_rows(runs: Sequence[TrialResult], experiment_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
     """(rows in rank order, the best trial id).
 
     After the ensemble job: `leaderboard.csv` as it wrote it (trials ranked by their fused selection-split
@@ -191,13 +132,10 @@ def _leaderboard_rows(runs: Sequence[TrialRun], experiment_dir: Path) -> tuple[l
         return rows, best
     rows = []
     for run in runs:
-        cv = run.series("cv_score")
         rows.append({
             "rank": None, "trial_id": run.trial_id, "split": "selection", "status": "not ensembled",
-            "detector": run.config.get("detector"), "lr": run.config.get("lr"),
-            "batch_size": run.config.get("batch_size"),
-            "cv_score": float(np.nanmax(cv)) if len(cv) and not np.isnan(cv).all() else None,
-            "epochs": len(run.results),
+            "detector": run.params.get("detector"), "lr": run.params.get("lr"),
+            "batch_size": run.params.get("batch_size"), "cv_score": run.cv_score, "epochs": run.epochs,
         })
     rows.sort(key=lambda r: (r["cv_score"] is None, -(r["cv_score"] or 0.0), r["trial_id"]))
     return rows, None
@@ -307,8 +245,8 @@ def _close(axes: Any):
 # ------------------------------------------------------------------------------------------ learning curves
 
 
-def _section_curves(runs: Sequence[TrialRun], order: Sequence[str], *, max_trials: int) -> str:
-    runs = [r for r in runs if r.results]
+def _section_curves(runs: Sequence[TrialResult], order: Sequence[str], *, max_trials: int) -> str:
+    runs = [r for r in runs if r.rows]
     if not runs:
         return _note("No trial has reported an epoch yet.")
     rank = {trial_id: i for i, trial_id in enumerate(order)}
@@ -319,15 +257,16 @@ def _section_curves(runs: Sequence[TrialRun], order: Sequence[str], *, max_trial
     figure = _figure(3.6 * cols, 2.8 * rows)
     axes = np.asarray(figure.subplots(rows, cols, squeeze=False, sharey=True)).reshape(-1)
     for ax, run in zip(axes, shown):
-        epochs, mean, std = run.epochs, run.series("score_mean"), run.series("score_std")
+        epochs = run.series("training_iteration").astype(np.int64)  # Tune sets it on every report
+        mean, std = run.series("score_mean"), run.series("score_std")
         for k in range(run.num_folds):
             ax.plot(epochs, run.series(f"fold{k}/score"), lw=1.0, ls="--", color=f"C{k + 1}", label=f"fold {k}")
         ax.fill_between(epochs, mean - np.nan_to_num(std), mean + np.nan_to_num(std), color="C0", alpha=0.25,
                         label="mean ± std")
         ax.plot(epochs, mean, "o-", color="C0", lw=1.8, ms=3, label="fold mean")
-        ax.set_title(f"{run.trial_id}  {run.config.get('detector', '')}\n"
-                     f"lr {_number(run.config.get('lr')):.1e}, batch {run.config.get('batch_size')}, "
-                     f"thr {_number(run.config.get('score_threshold')):.2f}", fontsize=8)
+        ax.set_title(f"{run.trial_id}  {run.params.get('detector', '')}\n"
+                     f"lr {_number(run.params.get('lr')):.1e}, batch {run.params.get('batch_size')}, "
+                     f"thr {_number(run.params.get('score_threshold')):.2f}", fontsize=8)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_xticks(epochs if len(epochs) <= 10 else np.linspace(epochs[0], epochs[-1], 6).round())
         ax.tick_params(labelsize=7)
@@ -453,7 +392,7 @@ def _section_images(shown: _SplitResult, *, max_images: int) -> str:
 # ------------------------------------------------------------------------------------------ reproducibility
 
 
-def _section_reproducibility(experiment_dir: Path, best_run: TrialRun | None) -> str:
+def _section_reproducibility(experiment_dir: Path, best_run: TrialResult | None) -> str:
     from search.reproducibility import check_manifest, read_trial_manifest
 
     commands = [
@@ -466,7 +405,7 @@ def _section_reproducibility(experiment_dir: Path, best_run: TrialRun | None) ->
     if best_run is None:
         parts.append(_note("No best trial yet: the ensemble job picks it; its manifest is shown here then."))
         return "".join(parts)
-    manifest = read_trial_manifest(best_run.folder)
+    manifest = read_trial_manifest(best_run.checkpoint)
     if manifest is None:
         parts.append(_note("The best trial has no manifest.json in its checkpoint."))
         return "".join(parts)
@@ -526,7 +465,7 @@ def build_report(experiment_dir: str | Path, *, max_images: int = 8, max_curves:
 
     experiment_dir = Path(experiment_dir).resolve()
     config = load_experiment(experiment_dir)  # ConfigError when this is not an experiment folder
-    runs = load_trial_runs(experiment_dir / TUNE_DIR)
+    runs = read_trials(experiment_dir / TUNE_DIR)
     rows, best = _leaderboard_rows(runs, experiment_dir)
     # The trial of the chosen ensemble's first model (a greedy ensemble may mix trials).
     best_file = experiment_dir / "best_ensemble.json"

@@ -1,14 +1,14 @@
 """Reading the trials' reproducibility manifests back from an experiment folder.
 
 Every trial writes `manifest.json` into each Tune checkpoint it saves (`trainables.trial_manifest`, which
-also documents the fields). Here the driver side finds a trial's latest manifest and checks it against
-the data and code of today: `detsweep report` shows the best trial's manifest and any drift.
+also documents the fields). Here the driver side reads the manifest of a trial's latest checkpoint
+(`search.trial_results.TrialResult.checkpoint`, the one Tune registered) and checks it against the data and
+code of today: `detsweep report` shows the best trial's manifest and any drift.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,53 +16,16 @@ from typing import Any
 from detection.data.coco import DatasetError
 from trainables.trial_manifest import MANIFEST_FILE, dataset_sha256, git_state, package_versions
 
-__all__ = ["MANIFEST_FILE", "check_manifest", "latest_checkpoint", "read_trial_manifest", "trial_dirs"]
-
-_CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
+__all__ = ["MANIFEST_FILE", "check_manifest", "read_trial_manifest"]
 
 
-def trial_dirs(tune_dir: str | Path) -> dict[str, Path]:
-    """{trial_id: trial folder} of a Tune experiment folder (`<experiment>/tune`).
-
-    A trial folder is one with a `result.json` or `params.json`; its id is the `trial_id` of its first
-    reported result, else the folder name after the last "_" (Tune's and our `trial_<id>` naming).
-    """
-    found: dict[str, Path] = {}
-    tune_dir = Path(tune_dir)
-    if not tune_dir.is_dir():
-        return found
-    for folder in sorted(p for p in tune_dir.iterdir() if p.is_dir()):
-        if not ((folder / "result.json").is_file() or (folder / "params.json").is_file()):
-            continue
-        trial_id = None
-        result = folder / "result.json"
-        if result.is_file():
-            with result.open() as handle:
-                first = handle.readline().strip()
-            if first:
-                try:
-                    trial_id = json.loads(first).get("trial_id")
-                except json.JSONDecodeError:  # a line being written while the sweep runs
-                    trial_id = None
-        found[str(trial_id or folder.name.rsplit("_", 1)[-1])] = folder
-    return found
-
-
-def latest_checkpoint(trial_dir: str | Path) -> Path | None:
-    """The trial's `checkpoint_<n>` folder with the highest n, or None before its first checkpoint."""
-    numbered = [(int(m.group(1)), p) for p in Path(trial_dir).glob("checkpoint_*")
-                if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
-    return max(numbered)[1] if numbered else None
-
-
-def read_trial_manifest(trial_dir: str | Path) -> dict[str, Any] | None:
-    """The manifest in the trial's latest checkpoint, or None when it has none (yet).
+def read_trial_manifest(checkpoint: str | Path | None) -> dict[str, Any] | None:
+    """The manifest in a trial's checkpoint folder, or None when there is none (yet).
 
     Raises:
         ValueError: when the manifest file exists but is not valid JSON (names the file).
     """
-    checkpoint = latest_checkpoint(trial_dir)
-    path = None if checkpoint is None else checkpoint / MANIFEST_FILE
+    path = None if checkpoint is None else Path(checkpoint) / MANIFEST_FILE
     if path is None or not path.is_file():
         return None
     try:

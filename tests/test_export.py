@@ -13,7 +13,7 @@ import yaml
 from detection.config import ConfigError, load_experiment_config
 from search.cli import main as cli_main
 from search.export import best_trial, export_best_config
-from search.report import load_trial_runs
+from search.trial_results import read_trials
 
 
 @pytest.mark.slow
@@ -63,10 +63,10 @@ def test_best_trial_before_the_ensemble_job_is_the_best_cv_trial(finished_sweep:
                                  ignore=shutil.ignore_patterns("best_ensemble*", "ensemble", "leaderboard.*"))
     trial = best_trial(experiment)
     assert trial.source == "cv"
-    runs = load_trial_runs(experiment / "tune")
+    runs = read_trials(experiment / "tune")
     top = max(runs, key=lambda r: (r.last["cv_score"], r.trial_id))
     assert trial.score == top.last["cv_score"]  # the sweep's metric
-    assert trial.params == {k: top.config[k] for k in ("detector", "lr", "batch_size")}
+    assert trial.params == {k: top.params[k] for k in ("detector", "lr", "batch_size")}
     out = export_best_config(experiment, tmp_path / "cv.yaml")
     assert "best cross-validation score" in out.read_text().splitlines()[1]
     load_experiment_config(out)

@@ -175,12 +175,13 @@ def test_every_trial_of_a_sweep_checkpoints_its_manifest(finished_sweep: Path, t
     import yaml
 
     from detection.data.splits import Split
-    from search.reproducibility import check_manifest, latest_checkpoint, read_trial_manifest, trial_dirs
+    from search.reproducibility import check_manifest, read_trial_manifest
+    from search.trial_results import read_trials
 
     sweep = yaml.safe_load((finished_sweep / "sweep.yaml").read_text())
-    trials = trial_dirs(finished_sweep / "tune")
+    trials = {trial.trial_id: trial for trial in read_trials(finished_sweep / "tune")}
     assert len(trials) == 2
-    manifests = {trial_id: read_trial_manifest(folder) for trial_id, folder in trials.items()}
+    manifests = {trial_id: read_trial_manifest(trial.checkpoint) for trial_id, trial in trials.items()}
     data_path = Path(sweep["data"]["path"])
     split = Split.from_json(finished_sweep / "split.json")
     for trial_id, manifest in manifests.items():
@@ -188,7 +189,7 @@ def test_every_trial_of_a_sweep_checkpoints_its_manifest(finished_sweep: Path, t
         assert manifest["dataset"]["sha256"] == dataset_sha256(data_path)[0]
         assert manifest["split"]["sha256"] == split.hash
         assert manifest["seeds"] == {"seed": sweep["seed"], "split": split.seed}
-        trial_json = json.loads((latest_checkpoint(trials[trial_id]) / "trial.json").read_text())
+        trial_json = json.loads((trials[trial_id].checkpoint / "trial.json").read_text())
         assert manifest["config"] == trial_json["config"]  # the config the trial trained
         # Nothing changed since: same data, split and packages; the recorded commit is HEAD or an ancestor
         # of it (commits may land while a developer's test session runs).

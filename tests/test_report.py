@@ -32,7 +32,8 @@ from PIL import Image
 from detection.metrics import mean_average_precision
 from search import report
 from search.cli import main as cli_main
-from search.report import REPORT_FILE, load_trial_runs, write_report
+from search.report import REPORT_FILE, write_report
+from search.trial_results import TrialResult, read_trials
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -229,7 +230,7 @@ def test_report_is_self_contained_and_has_every_section(report_page: Path, finis
     assert not re.search(r'(?:src|href)="(?!data:|#)', page)  # nothing loaded from a file or the network
     for anchor in ("leaderboard", "optuna", "curves", "per-class", "images", "reproducibility"):
         assert f'<section id="{anchor}">' in page
-    trial_ids = [run.trial_id for run in load_trial_runs(finished_sweep / "tune")]
+    trial_ids = [run.trial_id for run in read_trials(finished_sweep / "tune")]
     assert len(trial_ids) == 2 and all(f"<code>{t}</code>" in page for t in trial_ids)
     chosen = json.loads((finished_sweep / "best_ensemble.json").read_text())
     best = chosen["models"][0]["trial_id"]  # the trial of the chosen ensemble's first model
@@ -326,18 +327,17 @@ def test_optuna_section_without_a_study(tmp_path: Path) -> None:
 
 
 def test_learning_curve_figure_from_real_result_rows(tmp_path: Path) -> None:
-    """Two epochs of two folds: the curve is drawn from fold mean and std; an empty trial is skipped."""
-    trial = tmp_path / "trial_abc"
-    trial.mkdir()
+    """Two epochs of two folds: the curve is drawn from fold mean and std; an empty trial is skipped. (The
+    records are built here: reading them back needs Tune's experiment state, see the finished sweep's tests.)"""
     rows = [{"trial_id": "abc", "training_iteration": e, "score_mean": m, "score_std": s, "fold0/score": m - s,
              "fold1/score": m + s, "config": {"detector": "faster_rcnn/mobilenet_v2", "lr": 0.01, "batch_size": 4,
                                               "score_threshold": 0.3}}
             for e, m, s in ((1, 0.2, 0.05), (2, 0.4, 0.1))]
-    (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "trial_empty").mkdir()
-    (tmp_path / "trial_empty" / "params.json").write_text("{}")
-    runs = {r.trial_id: r for r in load_trial_runs(tmp_path)}
-    assert set(runs) == {"abc", "empty"} and runs["empty"].results == []
+    records = [TrialResult(trial_id="abc", status="TERMINATED", folder=tmp_path / "trial_abc",
+                           params=rows[-1]["config"], rows=rows),
+               TrialResult(trial_id="empty", status="PENDING", folder=tmp_path / "trial_empty", params={})]
+    runs = {r.trial_id: r for r in records}
+    assert set(runs) == {"abc", "empty"} and runs["empty"].rows == []
     assert runs["abc"].num_folds == 2
     np.testing.assert_allclose(runs["abc"].series("score_mean"), [0.2, 0.4])
     html = report._section_curves(list(runs.values()), ["abc"], max_trials=24)
