@@ -57,8 +57,8 @@ class EnsembleModel:
     fold: int
     epoch: int  # 1-based epoch of the fold's best validation score
     score: float  # the fold's validation score at that epoch (0.5 * map_50 + 0.5 * f1)
-    # build_detector keywords the model was trained with that change its state dict (fcos_tal's neck_channels,
-    # head_convs: `ModelConfig.architecture_options`)
+    # build_detector keywords the model was trained with that change its state dict or its predictions
+    # (`ModelConfig.architecture_options`: fcos_tal's neck_channels/head_convs, faster_rcnn's test proposals)
     options: dict[str, int] = field(default_factory=dict)
 
     @property
