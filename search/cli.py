@@ -199,8 +199,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the experiment's self-contained HTML report (leaderboard, Optuna, curves, best ensemble)."""
     from search.report import write_report
 
-    experiment = _open(args.path)
-    report = write_report(experiment.local, out=args.out, max_images=args.max_images)
+    # The page needs one checkpoint (the best trial's manifest): fetched on its own, not every trial's mirrored.
+    experiment = _open(args.path, exclude=("checkpoint_*",))
+    report = write_report(experiment.local, out=args.out, max_images=args.max_images, fetch=experiment.fetch)
     experiment.push()
     _say(f"report: {report}")
     return 0
@@ -228,7 +229,7 @@ def cmd_export_best(args: argparse.Namespace) -> int:
     """Write the best trial's full training config as a training YAML."""
     from search.export import export_best_config
 
-    out = export_best_config(_open(args.path).local, args.out)
+    out = export_best_config(_open(args.path, exclude=("checkpoint_*",)).local, args.out)  # reads no checkpoint
     _say(f"wrote {out}; retrain on every labelled image with: detsweep train --config {out} --all-data")
     return 0
 

@@ -35,7 +35,7 @@ import logging
 import math
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -392,7 +392,8 @@ def _section_images(shown: _SplitResult, *, max_images: int) -> str:
 # ------------------------------------------------------------------------------------------ reproducibility
 
 
-def _section_reproducibility(experiment_dir: Path, best_run: TrialResult | None) -> str:
+def _section_reproducibility(experiment_dir: Path, best_run: TrialResult | None,
+                             fetch: Callable[[Path], Any] | None = None) -> str:
     from search.reproducibility import check_manifest, read_trial_manifest
 
     commands = [
@@ -405,6 +406,8 @@ def _section_reproducibility(experiment_dir: Path, best_run: TrialResult | None)
     if best_run is None:
         parts.append(_note("No best trial yet: the ensemble job picks it; its manifest is shown here then."))
         return "".join(parts)
+    if fetch is not None and best_run.checkpoint is not None:
+        fetch(Path(best_run.checkpoint))  # a URI's mirror holds no checkpoints: bring this one
     manifest = read_trial_manifest(best_run.checkpoint)
     if manifest is None:
         parts.append(_note("The best trial has no manifest.json in its checkpoint."))
@@ -459,7 +462,8 @@ def _guarded(title: str, builder, *args, **kwargs) -> str:
         return _note(f"{title}: not available yet ({error}).")
 
 
-def build_report(experiment_dir: str | Path, *, max_images: int = 8, max_curves: int = 24) -> str:
+def build_report(experiment_dir: str | Path, *, max_images: int = 8, max_curves: int = 24,
+                 fetch: Callable[[Path], Any] | None = None) -> str:
     """The report page of an experiment folder as an HTML string (see the module docstring)."""
     from search.tuner import TUNE_DIR, load_experiment
 
@@ -492,7 +496,7 @@ def build_report(experiment_dir: str | Path, *, max_images: int = 8, max_curves:
         sections.append(_section("Best ensemble", "per-class", _note(
             f"No ensemble results yet: run `detsweep ensemble {experiment_dir}`.")))
     sections.append(_section("Reproducibility and next steps", "reproducibility",
-                             _section_reproducibility(experiment_dir, best_run)))
+                             _section_reproducibility(experiment_dir, best_run, fetch)))
 
     summary = (f"{len(runs)} trials of {config.search.num_samples}, {config.data.num_folds} folds, "
                f"{config.train.epochs} epochs at {config.train.image_size} px; metric "
@@ -514,14 +518,14 @@ def build_report(experiment_dir: str | Path, *, max_images: int = 8, max_curves:
 
 
 def write_report(experiment_dir: str | Path, *, out: str | Path | None = None, max_images: int = 8,
-                 max_curves: int = 24) -> Path:
+                 max_curves: int = 24, fetch: Callable[[Path], Any] | None = None) -> Path:
     """Write the report page of an experiment folder; returns its path (default `<experiment>/report.html`).
 
     Raises:
         detection.config.ConfigError: when `experiment_dir` is not a detsweep experiment folder.
     """
     experiment_dir = Path(experiment_dir).resolve()
-    page = build_report(experiment_dir, max_images=max_images, max_curves=max_curves)
+    page = build_report(experiment_dir, max_images=max_images, max_curves=max_curves, fetch=fetch)
     path = Path(out) if out is not None else experiment_dir / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")

@@ -198,6 +198,17 @@ class Experiment:
             copied = pull(self.uri, self.local, exclude=exclude)
             logger.info("%s: %d files pulled into %s", self.uri, copied, self.local)
 
+    def fetch(self, folder: str | os.PathLike) -> Path:
+        """Pull one folder of the experiment (e.g. a trial's checkpoint, fold resume states left out) into the
+        mirror when a command needs it, instead of mirroring every trial's; returns its local path. No-op
+        locally."""
+        folder = Path(folder)
+        if self.uri:
+            relative = folder.resolve().relative_to(self.local)
+            copied = pull(join_uri(self.uri, *relative.parts), folder, exclude=("folds",))
+            logger.info("%s: %d files fetched into %s", self.uri, copied, folder)
+        return folder
+
     def push(self) -> None:
         """Upload the driver's files (everything but Tune's `tune/`, which Tune writes itself); no-op locally."""
         if self.uri:

@@ -206,6 +206,23 @@ def test_status_from_an_empty_mirror_reads_the_bucket_without_checkpoints(
     assert not list(mirror_dir(uri).rglob("checkpoint_*"))  # status pulls results, not models
 
 
+def test_report_and_export_best_from_an_empty_mirror_fetch_only_what_they_read(
+    s3_sweep: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """report needs one checkpoint (the best trial's manifest), fetched on its own; export-best needs none."""
+    uri, _ = s3_sweep
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    assert main(["export-best", uri, "--out", str(tmp_path / "best.yaml")]) == 0
+    assert (tmp_path / "best.yaml").is_file() and not list(mirror_dir(uri).rglob("checkpoint_*"))
+
+    assert main(["report", uri, "--out", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "sha256" in page and "no manifest.json" not in page  # the reproducibility section read it
+    fetched = list(mirror_dir(uri).rglob("checkpoint_*"))
+    assert len(fetched) == 1 and (fetched[0] / "manifest.json").is_file()
+    assert not list(mirror_dir(uri).rglob("folds"))
+
+
 def test_resume_from_another_machine_redoes_nothing_and_reranks_the_same(
     s3_sweep: tuple[str, Path], tmp_path: Path
 ) -> None:
