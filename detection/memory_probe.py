@@ -46,14 +46,16 @@ class MemoryProbe:
         return self.peak_bytes / self.limit_bytes - 1.0 if self.limit_bytes else -1.0
 
     def describe(self) -> str:
+        """One line for logs and the leaderboard, e.g. `batch 8 at 800 px does not fit on cuda:0: one step
+        peaked at 90112 MiB (bound 81559 MiB)`."""
         mib = 2**20
         limit = f"{self.limit_bytes / mib:.0f} MiB" if self.limit_bytes else "no bound"
-        what = "ran out of memory" if self.out_of_memory else f"peaked at {self.peak_bytes / mib:.0f} MiB"
-        return (f"one training step of batch {self.batch_size} at {self.image_size} px on {self.device} {what} "
-                f"(bound {limit})")
+        what = "out of memory" if self.out_of_memory else f"one step peaked at {self.peak_bytes / mib:.0f} MiB"
+        verdict = "fits" if self.fits else "does not fit"
+        return f"batch {self.batch_size} at {self.image_size} px {verdict} on {self.device}: {what} (bound {limit})"
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "fits": self.fits, "excess": self.excess}
+        return {**asdict(self), "fits": self.fits, "excess": self.excess, "description": self.describe()}
 
 
 def _process_peak_rss_bytes() -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -38,11 +39,9 @@ REMOVED_JSON = "removed.json"  # best/removed.json: why a checkpoint's fold mode
 _MODEL_PREFIX, _MODEL_SUFFIX = "rank-", ".pt"  # best/rank-<r>.pt (trainables.trial.write_trial_checkpoint)
 
 
-def models_removed(checkpoint_dir: str) -> dict[str, Any] | None:
+def models_removed(checkpoint_dir: str | Path) -> dict[str, Any] | None:
     """The record `CheckpointBudget` left in a local checkpoint folder whose fold models it deleted, else None."""
-    import pathlib
-
-    path = pathlib.Path(checkpoint_dir) / BEST_DIR / REMOVED_JSON
+    path = Path(checkpoint_dir) / BEST_DIR / REMOVED_JSON
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -147,7 +147,7 @@ def _trial_models(info: TrialResult) -> _TrialModels:
     assert info.checkpoint is not None
     directory = info.checkpoint
     where = str(directory / TRIAL_JSON)
-    removed = models_removed(str(directory))
+    removed = models_removed(directory)
     if removed is not None:
         raise ModelsNotKept(f"{directory / BEST_DIR / REMOVED_JSON}: trial {info.trial_id}'s fold models were "
                             f"deleted by the checkpoint budget: {removed.get('reason', 'no reason recorded')}.")

@@ -581,13 +581,10 @@ class _Trial:
         and `memory_excess` (> 0) tells Optuna why (search/optuna_search.py)."""
         mib = 2**20
         limit = probe.get("limit_bytes")
-        message = (f"batch {probe['batch_size']} at {probe['image_size']} px does not fit on {probe['device']}: "
-                   + ("out of memory" if probe.get("out_of_memory") else
-                      f"one step peaked at {probe['peak_bytes'] / mib:.0f} MiB against {limit / mib:.0f} MiB"))
-        logger.warning("trial %s: infeasible: %s", self.trial_id, message)
+        logger.warning("trial %s: infeasible: %s", self.trial_id, probe["description"])
         tune.report({
             self.setup.metric: 0.0 if self.setup.mode == "max" else math.inf,
-            "infeasible": 1, "infeasible_reason": message, "memory_excess": float(probe["excess"]),
+            "infeasible": 1, "infeasible_reason": probe["description"], "memory_excess": float(probe["excess"]),
             "memory_probe_peak_mb": probe["peak_bytes"] / mib,
             "memory_limit_mb": limit / mib if limit else None,
             "epoch": 0, "finished": 1, "coordinator_pid": os.getpid(),
