@@ -1,8 +1,11 @@
 """Sweep overhead and fold-parallel efficiency, on the real DeepForest tiles with the real trainable.
 
-One sweep of one trial (K folds, `--epochs` epochs, fixed lr/batch/threshold) runs through the project's own
-driver (`search.tuner`: Tuner + OptunaSearch, embedded local Ray, the `trainables.trial` trainable with its
-K fold actors, per-epoch checkpoints). Then the same K folds train one after another in this process with
+One sweep of `--trials` trials, one at a time (K folds, `--epochs` epochs, lr/batch/threshold pinned to one
+point), runs through the project's own driver (`search.tuner`: Tuner + OptunaSearch, embedded local Ray, the
+`trainables.trial` trainable with its K fold actors, checkpoints). The first trial starts cold (coordinator and
+fold processes); with `search.reuse_actors` (the default; `--no-reuse` turns it off) every later trial reuses
+them (trainables/fold_pool.py), so (a) is reported for the first trial, for the later ones and for the sweep.
+Then the same K folds train one after another in this process with
 `detection.trainer.FoldTrainer` (no Ray), each with the threads one fold actor gets (`--cpus-per-fold`).
 
 (a) overhead share = 1 - compute / trial wall time, where
@@ -10,7 +13,8 @@ K fold actors, per-epoch checkpoints). Then the same K folds train one after ano
                 them (`fold<k>/train_time_s`, `fold<k>/eval_time_s`): the time a perfect driver would need;
     trial wall = the trial's `time_total_s` at its last report (Tune: from the trainable's start, so fold
                 actor start-up, dataset loading, model building, lockstep waits, checkpoints all count).
-    Also reported: the steady-state share (epochs only: 1 - compute / sum of epoch + checkpoint seconds) and
+    Per trial also: its start-up (coordinator set-up and building the folds, `startup_*_s`, and how many folds
+    were reused). Also reported: the steady-state share (epochs only: 1 - compute / sum of epoch + checkpoint seconds) and
     the share of the whole `Tuner.fit()` wall time. Target: under 5% when an epoch takes 30 s or more
     (raise `--image-size` or the dataset size until it does).
 (b) fold-parallel efficiency = T_sequential / (K * T_parallel), T_parallel = the trial wall time above,
@@ -20,6 +24,7 @@ K fold actors, per-epoch checkpoints). Then the same K folds train one after ano
 Writes JSON to `--out` and prints both ratios.
 
     python bench/sweep_overhead.py --folds 2 --epochs 2 --image-size 320 --cpus-per-fold 1
+    python bench/sweep_overhead.py --folds 2 --epochs 3 --trials 3 --skip-sequential [--no-reuse]
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "when it does not exist")
     parser.add_argument("--folds", type=int, default=2, help="K")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=1, help="trials in the sweep, run one after another")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="search.reuse_actors: false (every trial starts its coordinator and folds anew)")
     parser.add_argument("--image-size", type=int, default=320, help="input size (longest side), pixels")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.01)
@@ -75,7 +83,7 @@ def sweep_config(args: argparse.Namespace, data_path: Path, storage: Path):
         "model": {**detector, "pretrained": args.pretrained},
         "train": {"epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size,
                   "lr": args.lr, "warmup_epochs": 0.5, "patience": 0, "augment": True},
-        "search": {"num_samples": 1, "max_concurrent_trials": 1,
+        "search": {"num_samples": args.trials, "max_concurrent_trials": 1, "reuse_actors": not args.no_reuse,
                    "space": {"lr": {"low": args.lr, "high": args.lr}, "batch_size": [args.batch_size],
                              "score_threshold": {"low": 0.3, "high": 0.3}, "detectors": [detector]}},
         "resources": {"cpus_per_fold": args.cpus_per_fold, "gpus_per_fold": args.gpus_per_fold,
@@ -84,9 +92,9 @@ def sweep_config(args: argparse.Namespace, data_path: Path, storage: Path):
     }, where="<bench/sweep_overhead.py>")
 
 
-def run_parallel(config, experiment_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-    """The sweep through the project's driver; returns the trial's params, its per-epoch reports and the
-    `Tuner.fit()` wall time."""
+def run_parallel(config, experiment_dir: Path) -> tuple[dict[str, Any], list[list[dict[str, Any]]], float]:
+    """The sweep through the project's driver; returns the (pinned) trial params, each trial's per-epoch
+    reports in the order the trials started, and the `Tuner.fit()` wall time."""
     import ray
 
     from search.tuner import build_tuner, init_ray, prepare_experiment
@@ -102,9 +110,8 @@ def run_parallel(config, experiment_dir: Path) -> tuple[dict[str, Any], list[dic
         ray.shutdown()
     if results.errors:
         raise RuntimeError(f"the benchmark trial failed: {results.errors[0]}")
-    (result,) = list(results)
-    reports = result.metrics_dataframe.to_dict("records")
-    return dict(result.config), reports, fit_s
+    trials = sorted(results, key=lambda r: float(r.metrics_dataframe["timestamp"].min()))
+    return dict(trials[0].config), [r.metrics_dataframe.to_dict("records") for r in trials], fit_s
 
 
 def overhead(reports: list[dict[str, Any]], num_folds: int) -> dict[str, Any]:
@@ -136,6 +143,26 @@ def overhead(reports: list[dict[str, Any]], num_folds: int) -> dict[str, Any]:
         # Epochs after the first (report to report): lockstep waits, result gathering, checkpoints.
         "steady_overhead_share": None if not steady else 1.0 - steady_compute / steady,
         "mean_epoch_s": sum(e["epoch_s"] for e in epochs) / len(epochs),
+        "startup_coordinator_s": float(reports[0].get("startup_coordinator_s", math.nan)),
+        "startup_folds_s": float(reports[0].get("startup_folds_s", math.nan)),
+        "folds_reused": int(reports[0].get("folds_reused", 0)),
+    }
+
+
+def sweep_overhead(trials: list[dict[str, Any]], fit_s: float) -> dict[str, Any]:
+    """(a) for the first trial (cold start), the later trials (reused workers, when on) and the whole sweep."""
+    later = trials[1:]
+    compute = sum(t["compute_s"] for t in trials)
+    return {
+        "first_trial_overhead_share": trials[0]["overhead_share"],
+        "later_trials_overhead_share": None if not later else
+        1.0 - sum(t["compute_s"] for t in later) / sum(t["trial_wall_s"] for t in later),
+        "later_trials_startup_s": None if not later else
+        sum(t["startup_s"] + t["first_epoch_wait_s"] for t in later) / len(later),
+        "trials_overhead_share": 1.0 - compute / sum(t["trial_wall_s"] for t in trials),
+        "fit_wall_s": fit_s,
+        # everything between Tuner.fit's start and end that is not fold compute (Tune between trials, too)
+        "fit_overhead_share": 1.0 - compute / fit_s,
     }
 
 
@@ -182,9 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         experiment_dir = Path(tmp) / "experiments" / "overhead"
 
         params, reports, fit_s = run_parallel(config, experiment_dir)
-        a = overhead(reports, args.folds)
-        a["fit_wall_s"] = fit_s
-        a["fit_overhead_share"] = 1.0 - a["compute_s"] / fit_s
+        trials = [overhead(r, args.folds) for r in reports]
+        sweep = sweep_overhead(trials, fit_s)
+        a = trials[0]
         b = None
         if not args.skip_sequential:
             sequential = run_sequential(config, experiment_dir, params, threads=max(1, math.floor(args.cpus_per_fold)))
@@ -205,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "load_average": os.getloadavg()},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "params": params,
-        "overhead": a,
+        "overhead": {"trials": trials, "sweep": sweep},
         "fold_parallel": b,
         "targets": {"overhead_share_max": OVERHEAD_TARGET, "overhead_applies_when_epoch_s_at_least": 30.0,
                     "efficiency_min": EFFICIENCY_TARGET},
@@ -216,11 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     applies = "" if a["mean_epoch_s"] >= 30 else " (epochs under 30 s: the 5% target does not apply)"
     print(f"\n{args.arch}/{args.backbone}, {args.folds} folds x {args.epochs} epochs at {args.image_size}px, "
           f"{args.cpus_per_fold:g} CPU + {args.gpus_per_fold:g} GPU per fold; mean epoch {a['mean_epoch_s']:.1f} s")
-    print(f"(a) overhead share of trial wall time: {a['overhead_share']:.3f} "
-          f"(compute {a['compute_s']:.1f} s of {a['trial_wall_s']:.1f} s; start-up {a['startup_s']:.1f} s "
-          f"+ fold actors {a['first_epoch_wait_s']:.1f} s; "
-          f"steady-state {_fmt(a['steady_overhead_share'])}; of Tuner.fit {a['fit_overhead_share']:.3f}) "
-          f"target < {OVERHEAD_TARGET}{applies}")
+    for i, t in enumerate(trials, start=1):
+        print(f"(a) trial {i} ({t['folds_reused']} of {args.folds} folds reused): overhead share "
+              f"{t['overhead_share']:.3f} (compute {t['compute_s']:.1f} s of {t['trial_wall_s']:.1f} s; start-up "
+              f"{t['startup_s']:.1f} s [coordinator {t['startup_coordinator_s']:.1f} s, folds built "
+              f"{t['startup_folds_s']:.1f} s] + first-epoch wait {t['first_epoch_wait_s']:.1f} s; steady-state "
+              f"{_fmt(t['steady_overhead_share'])})")
+    print(f"(a) overhead share: first trial {sweep['first_trial_overhead_share']:.3f}, later trials "
+          f"{_fmt(sweep['later_trials_overhead_share'])}, all trials {sweep['trials_overhead_share']:.3f}, of "
+          f"Tuner.fit {sweep['fit_overhead_share']:.3f}; target < {OVERHEAD_TARGET}{applies}")
     if b is not None:
         print(f"(b) fold-parallel efficiency: {b['efficiency']:.3f} (sequential {b['sequential']['wall_s']:.1f} s / "
               f"({args.folds} x parallel {b['parallel_wall_s']:.1f} s); compute-only {b['compute_efficiency']:.3f}) "

@@ -103,6 +103,9 @@ class SearchConfig:
     # The first trials take each detector of the space once (their other params sampled), so that even a
     # short sweep tries every detector; Optuna's enqueue_trial (OptunaSearch points_to_evaluate).
     each_detector_first: bool = False
+    # Tune's reuse_actors: the next trial takes a finished trial's coordinator, placement group and fold worker
+    # processes (rebuilt in place: trainables/fold_pool.py) instead of starting them again
+    reuse_actors: bool = True
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
 

@@ -314,6 +314,7 @@ def build_trainable(config: SweepConfig, *, experiment_dir: Path, remote: str | 
                        resources=config.resources, detector_bases=config.detector_bases,
                        resume_every=config.checkpoint.resume_every,
                        metric=config.search.metric, mode=config.search.mode,
+                       reuse_workers=config.search.reuse_actors,
                        data_summary=json.loads(summary.read_text()) if summary.is_file() else None)
     trainable = tune.with_parameters(sweep_trial, setup=setup)
     return tune.with_resources(trainable, trial_resources(config.data.num_folds, config.resources))
@@ -412,6 +413,7 @@ def build_tuner(config: SweepConfig, *, experiment_dir: Path, remote: str | None
         scheduler=build_scheduler(config),
         num_samples=config.search.num_samples,
         trial_dirname_creator=_trial_dirname,
+        reuse_actors=config.search.reuse_actors,  # with TrialSetup.reuse_workers: fold processes too
     )
     return tune.Tuner(build_trainable(config, experiment_dir=experiment_dir, remote=remote), tune_config=tune_config,
                       run_config=build_run_config(config, experiment_dir=experiment_dir, remote=remote))

@@ -302,3 +302,29 @@ def test_fold_worker_reads_the_split_file_and_checks_it(deepforest_root: Path, t
     far = Split(selection=(), test=(), folds=((0,), (10_000,)), seed=0)  # an id the dataset does not have
     with pytest.raises(DatasetError, match="10000"):
         FoldWorker(tiny_config(deepforest_root), far, 0, num_threads=1)
+
+
+def test_fold_worker_reset_serves_the_next_trial_as_a_new_worker_would(deepforest_root: Path) -> None:
+    """A worker parked by one trial and `reset` for the next (Tune's reuse_actors, trainables/fold_pool.py) trains
+    exactly as a new worker does: nothing of the first trial (weights, optimizer, RNG, early stopping) is left."""
+    first, second = tiny_config(deepforest_root, lr=0.02), tiny_config(deepforest_root, lr=0.005)
+    fresh = FoldWorker(second, TINY_SPLIT, 0, num_threads=1)
+    expected = [fresh.train_epoch()["loss"], fresh.evaluate()["score"]]
+
+    worker = FoldWorker(first, TINY_SPLIT, 1, num_threads=1)
+    index = worker._indexes[str(deepforest_root)]
+    worker.train_epoch()
+    worker.evaluate()
+    worker.release()  # what a parked worker holds: no trainer
+    assert worker.trainer is None
+    info = worker.reset(second, TINY_SPLIT, 0, num_threads=1)
+    assert info["fold"] == 0 and info["resumed_epoch"] == 0 and info["trials_served"] == 2
+    assert worker._indexes[str(deepforest_root)] is index  # the dataset is not read again for the same path
+    assert worker.epoch() == 0 and worker.trainer.config.train.lr == 0.005
+    again = [worker.train_epoch()["loss"], worker.evaluate()["score"]]
+    assert again == pytest.approx(expected, rel=1e-5)
+
+    # reset with a state resumes it, as the constructor does
+    saved = worker.state_bytes()
+    worker.reset(second, TINY_SPLIT, 0, saved, num_threads=1)
+    assert worker.epoch() == 1 and worker.info()["trials_served"] == 3

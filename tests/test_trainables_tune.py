@@ -1,5 +1,6 @@
 """`train_trial` under a real `tune.Tuner` on a local Ray: a diverging trial ends as errored with the
-reason while the sweep goes on, and a trial whose coordinator dies resumes from its checkpoint."""
+reason while the sweep goes on, a trial whose coordinator dies resumes from its checkpoint, and trials reuse
+the coordinator and fold processes of the trial before them (also after Tune stopped it mid-epoch)."""
 
 from __future__ import annotations
 
@@ -49,16 +50,17 @@ def make_setup(data_path: Path, split: Split, folder: Path, **train: Any) -> Tri
 
 
 def fit(setup: TrialSetup, storage: Path, param_space: dict, *, max_failures: int = 0,
-        callbacks: list | None = None, checkpoint_config: tune.CheckpointConfig | None = None) -> tune.ResultGrid:
+        callbacks: list | None = None, checkpoint_config: tune.CheckpointConfig | None = None,
+        stop: Any = None) -> tune.ResultGrid:
     num_folds = setup.split.num_folds
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
                                     trial_resources(num_folds, setup.resources))
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=1),
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=setup.reuse_workers),
         run_config=tune.RunConfig(
-            storage_path=str(storage), name="tune", verbose=0, callbacks=callbacks or [],
+            storage_path=str(storage), name="tune", verbose=0, callbacks=callbacks or [], stop=stop,
             checkpoint_config=checkpoint_config or tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures),
         ),
@@ -250,3 +252,33 @@ def test_a_batch_that_does_not_fit_ends_the_trial_as_infeasible_before_its_first
     (result,) = fit(roomy, tmp_path / "roomy", {"lr": 0.01})
     assert result.error is None and result.metrics["epoch"] == 1 and "infeasible" not in result.metrics
     assert 50 < result.metrics["memory_probe_peak_mb"] < 64 * 1024
+
+
+def test_trials_reuse_the_fold_processes_also_after_tune_stopped_the_trial_before(
+    local_ray: None, deepforest_root: Path, tmp_path: Path
+) -> None:
+    """reuse_actors: trial 2 runs on trial 1's coordinator and fold processes (parked, then `reset`). Tune stops
+    trial 2 after its first report, as a scheduler's STOP would; the stop ends its thread inside that report, with
+    the folds between epochs, so they are parked too and trial 3 runs on the same processes. Each trial trains
+    as a fresh one: trial 3 (lr 0.01, like trial 1) reproduces trial 1's losses on reused workers."""
+    split = Split(selection=(), test=(), folds=((0, 1), (2, 3)), seed=0)
+    setup = dataclasses.replace(make_setup(deepforest_root, split, tmp_path, epochs=2, batch_size=2),
+                                reuse_workers=True)
+
+    def stop_the_second(trial_id: str, result: dict) -> bool:
+        return result["config"]["lr"] == 0.02  # after its first report
+
+    results = fit(setup, tmp_path, {"lr": tune.grid_search([0.01, 0.02, 0.01])}, stop=stop_the_second)
+    assert not results.errors, [str(r.error)[:500] for r in results if r.error]
+    first, second, third = (r.metrics_dataframe for r in sorted(results, key=lambda r: r.metrics_dataframe["timestamp"].min()))
+    assert first["epoch"].tolist() == third["epoch"].tolist() == [1, 2] and third["finished"].tolist()[-1] == 1
+    assert second["epoch"].tolist() == [1] and second["finished"].tolist() == [0]  # stopped by Tune
+    # one coordinator process and the same two fold processes for all three trials
+    assert len({int(h["coordinator_pid"].iloc[0]) for h in (first, second, third)}) == 1
+    assert [int(h["folds_reused"].iloc[0]) for h in (first, second, third)] == [0, 2, 2]
+    for k in range(2):
+        assert first[f"fold{k}/pid"].iloc[0] == second[f"fold{k}/pid"].iloc[0] == third[f"fold{k}/pid"].iloc[0]
+    # rebuilding a parked fold is much cheaper than starting one
+    assert third["startup_folds_s"].iloc[0] < first["startup_folds_s"].iloc[0] / 2
+    for k in range(2):
+        assert third[f"fold{k}/loss"].tolist() == pytest.approx(first[f"fold{k}/loss"].tolist(), rel=1e-4)

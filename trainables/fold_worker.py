@@ -10,12 +10,14 @@ an actor at use time inside the trial's placement group:
 
 The worker loads the dataset and the split itself (every node reads `data.path`; only the small
 config and split travel with the trial), so a fold recreated on another node needs nothing but the
-bytes of its last state. Every result carries the node id, the process id and wall-clock start/end
+bytes of its last state. `reset` rebuilds a worker for the next trial of the same placement group (Tune's
+`reuse_actors`; see `trainables.fold_pool`). Every result carries the node id, the process id and wall-clock start/end
 times (`time.time()`), so that placement and overlap of folds can be checked from the metrics.
 """
 
 from __future__ import annotations
 
+import gc
 import io
 import math
 import os
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from detection.config import ExperimentConfig
-from detection.data.coco import load_dataset
+from detection.data.coco import CocoIndex, load_dataset
 from detection.data.splits import Split
 from detection.trainer import FoldTrainer
 
@@ -98,7 +100,27 @@ class FoldWorker:
         num_threads: int | None = None,
         device: str | None = None,
     ) -> None:
+        self._device = device
+        self._indexes: dict[str, CocoIndex] = {}  # data.path -> its loaded index, kept across `reset`
+        self.trainer: FoldTrainer | None = None
+        self.trials = 0  # trials this worker has served (`reset` calls)
+        self.reset(config, split, fold, state, num_threads=num_threads)
+
+    def reset(
+        self,
+        config: ExperimentConfig,
+        split: Split | str | os.PathLike,
+        fold: int,
+        state: bytes | None = None,
+        *,
+        num_threads: int | None = None,
+    ) -> dict[str, Any]:
+        """Rebuild the worker for a (new) trial in this process, as `FoldWorker(config, split, fold, state)`
+        would, and return its `info()`. A fold actor parked by one trial's coordinator serves the next trial of
+        the same placement group this way (Tune's `reuse_actors`): no process start, no imports, and the dataset
+        index is loaded once per `data.path`."""
         started = time.time()
+        self.release()
         if num_threads is None:
             cpus = _assigned("CPU")
             num_threads = max(1, math.floor(cpus)) if cpus else None
@@ -107,16 +129,20 @@ class FoldWorker:
             torch.set_num_threads(num_threads)
         if not isinstance(split, Split):
             split = Split.from_json(Path(split))
-        index = load_dataset(config.data.path, filter_empty=False)
+        key = str(config.data.path)
+        if key not in self._indexes:
+            self._indexes = {key: load_dataset(config.data.path, filter_empty=False)}
+        index = self._indexes[key]
         split.check_index(index)
         self.fold = int(fold)
         self.split_hash = split.hash
         self.trainer = FoldTrainer(
             config, index, train_ids=split.train_ids(self.fold), val_ids=split.val_ids(self.fold),
-            device=pick_device(device),
+            device=pick_device(self._device),
         )
         if state is not None:
             self.trainer.load_state_dict(state_from_bytes(state))
+        self.trials += 1
         self._info = {
             "fold": self.fold,
             "node_id": _ray_node_id(),
@@ -131,7 +157,20 @@ class FoldWorker:
             "split_hash": split.hash,
             "resumed_epoch": self.trainer.epoch,
             "setup_time_s": time.time() - started,
+            "trials_served": self.trials,  # 1 for a fresh worker, n for one reused by n - 1 trials before
         }
+        return self.info()
+
+    def release(self) -> None:
+        """Drop the trainer (model, optimizer, scaler, data loaders) so that a worker parked between trials holds
+        no model memory (on CUDA the cached blocks go back to the driver too); `reset` builds the next one."""
+        if self.trainer is None:
+            return
+        on_cuda = self.trainer.device.type == "cuda"
+        self.trainer = None
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
 
     def _where(self) -> dict[str, Any]:
         return {"fold": self.fold, "node_id": self._info["node_id"], "pid": self._info["pid"]}

@@ -23,6 +23,11 @@ acts on it: bad data (`DATA_ERROR`) stops the whole sweep, a deterministic cause
 the same state, the rest (`TrialFailed.retryable`) `FailureConfig` may retry from the latest checkpoint.
 A coordinator that dies is Tune's to restart: `train_trial` resumes from `tune.get_checkpoint()`.
 
+Reuse across trials (`TrialSetup.reuse_workers`, with Tune's `reuse_actors`): a trial that ends normally parks
+its fold actors (`trainables.fold_pool`) and the next trial on the same coordinator rebuilds them with
+`FoldWorker.reset` instead of starting K processes; so does a trial that Tune stops (ASHA), which ends inside its
+report with the folds between epochs. A reused actor keeps the name of the trial that started it.
+
 Early stopping: the trial stops when every fold's own early stopping (`FoldTrainer.should_stop`: its
 validation score has not improved for `train.patience` epochs) has fired. Folds keep training in
 lockstep until then, so every report has all K folds and fold means stay comparable across epochs.
@@ -56,6 +61,7 @@ from detection.engine import NonFiniteLossError
 from detection.metrics import Matches
 from detection.models.weights import resolve_start
 from detection.predictions import SavedPredictions
+from trainables import fold_pool
 from trainables.fold_worker import FoldWorker
 from trainables.trial_manifest import MANIFEST_FILE, build_trial_manifest
 
@@ -174,6 +180,9 @@ class TrialSetup:
         resume_every: the checkpoint of every `resume_every`-th epoch, and of the trial's last, holds the folds'
             resume states (`folds/`); the others only `best/` and trial.json (`search.config.CheckpointConfig`).
         metric, mode: the search's; a trial whose batch does not fit reports the metric's worst value.
+        reuse_workers: a trial that ends normally parks its fold actors for the next trial Tune runs on the same
+            coordinator actor (`TuneConfig(reuse_actors=True)`, config `search.reuse_actors`), which `reset`s
+            them instead of starting new processes (`trainables.fold_pool`).
     """
 
     base: ExperimentConfig
@@ -186,6 +195,7 @@ class TrialSetup:
     resume_every: int = 1
     metric: str = "cv_score"
     mode: str = "max"
+    reuse_workers: bool = False
 
     def base_for(self, params: Mapping[str, Any]) -> ExperimentConfig:
         """The config a trial with these sampled params starts from (its detector's, else `base`)."""
@@ -455,6 +465,7 @@ class _Trial:
     """The coordinator of one trial run: its K workers, their last states and best models."""
 
     def __init__(self, params: Mapping[str, Any], setup: TrialSetup) -> None:
+        self._created = time.perf_counter()
         self.params = dict(params)
         self.setup = setup
         self.config = apply_trial_params(setup.base_for(params), params)
@@ -477,6 +488,8 @@ class _Trial:
         self.best: dict[int, BestModel] = {}
         self.predictions: dict[int, bytes] = {}  # fold -> out-of-fold predictions of its best epoch
         self.restarts = [0] * self.num_folds
+        self.reused = [False] * self.num_folds  # fold k's actor was parked by an earlier trial (fold_pool)
+        self.startup: dict[str, float] = {}  # seconds: "coordinator" (this set-up), "folds" (until all are built)
         self.fold_info: list[dict[str, Any] | None] = [None] * self.num_folds  # FoldWorker.info()
         self.epoch = 0  # epochs completed by every fold
         self.resumed_epoch = 0  # the epoch of the checkpoint this run started from (0: a fresh trial)
@@ -498,6 +511,7 @@ class _Trial:
 
     # -- workers ---------------------------------------------------------------------------------
     def _spawn(self, k: int) -> Any:
+        """A new fold actor in fold k's bundle, built from fold k's last state (or afresh)."""
         res = self.setup.resources
         actor = ray.remote(FoldWorker).options(
             name=f"{self.trial_id}/fold-{k}",
@@ -506,17 +520,57 @@ class _Trial:
             max_restarts=0,  # the coordinator restarts a fold itself, from its last state
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k + self.offset),
         )
-        state = self.states[k]
         deadline = time.monotonic() + NAME_RELEASE_TIMEOUT_S
         while True:
             try:
-                return actor.remote(self.config, self.split, k, ray.put(state) if state is not None else None,
-                                    num_threads=max(1, math.floor(res.cpus_per_fold)))
+                return actor.remote(self.config, self.split, k, self._state_ref(k), num_threads=self._threads())
             except ray.exceptions.ActorAlreadyExistsError:
                 # A killed fold's name is released a moment after its death is known.
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+    def _threads(self) -> int:
+        return max(1, math.floor(self.setup.resources.cpus_per_fold))
+
+    def _state_ref(self, k: int) -> Any:
+        return ray.put(self.states[k]) if self.states[k] is not None else None
+
+    def _acquire(self, k: int) -> Any:
+        """Fold k's actor and the ref of its `info()`: a parked one (`fold_pool`) rebuilt by `reset`, else a new one."""
+        parked = fold_pool.take(self.pg, k + self.offset) if self.setup.reuse_workers else None
+        self.reused[k] = parked is not None
+        if parked is not None:
+            self.workers[k] = parked
+            return parked.reset.remote(self.config, self.split, k, self._state_ref(k), num_threads=self._threads())
+        self.workers[k] = self._spawn(k)
+        return self.workers[k].info.remote()
+
+    def _start_folds(self) -> None:
+        """Build every fold (a reused actor's `reset`, or a new process) and wait until all are ready, so that the
+        folds start their first epoch together, as they do every later one."""
+        started = time.perf_counter()
+        ready = {k: self._acquire(k) for k in range(self.num_folds)}
+        for k in range(self.num_folds):
+            while self.fold_info[k] is None:
+                try:
+                    self.fold_info[k] = ray.get(ready[k])
+                except _LOST as error:
+                    if self.reused[k]:
+                        # A parked fold that died between trials (its node reclaimed): a new one, not a restart.
+                        logger.warning("trial %s: the parked worker of fold %d is gone (%s); starting a new one",
+                                       self.trial_id, k, type(error).__name__)
+                        self.reused[k] = False
+                        self.pg.wait(timeout_seconds=BUNDLE_TIMEOUT_S)
+                        self.workers[k] = self._spawn(k)
+                    else:
+                        self._replace(k, error)
+                    ready[k] = self.workers[k].info.remote()
+                except ray.exceptions.RayTaskError as error:  # `reset` raised in a reused worker
+                    reason = failure_reason(error)
+                    raise TrialFailed(f"fold {k}: its reused worker failed to start: {_cause_text(error)}", fold=k,
+                                      reason=DATA_ERROR if reason == DATA_ERROR else "worker start failed") from error
+        self.startup = {"coordinator_s": started - self._created, "folds_s": time.perf_counter() - started}
 
     def start(self) -> None:
         checkpoint = tune.get_checkpoint()
@@ -548,15 +602,7 @@ class _Trial:
             self.epoch = self.resumed_epoch = self.states_epoch = int(restored.trial["epoch"])
             self.stopped = bool(restored.trial.get("stopped", False))
             logger.info("trial %s: resuming after epoch %d from its checkpoint", self.trial_id, self.epoch)
-        self.workers = [self._spawn(k) for k in range(self.num_folds)]
-        # Wait until every fold is built (process start, data, model) so that the folds start their
-        # first epoch together, as they do every later one.
-        for k in range(self.num_folds):
-            while self.fold_info[k] is None:
-                try:
-                    self.fold_info[k] = ray.get(self.workers[k].info.remote())
-                except _LOST as error:
-                    self._replace(k, error)
+        self._start_folds()
         if self.epoch == 0:
             self.memory_probe = self._probe_memory()
 
@@ -698,6 +744,11 @@ class _Trial:
             "resumed_epoch": self.resumed_epoch,
             "coordinator_pid": os.getpid(),
             "coordinator_node_id": ray.get_runtime_context().get_node_id(),
+            # this run's start-up: the coordinator's own set-up, then building the folds; folds_reused of them
+            # were parked by an earlier trial (fold_pool) and only rebuilt, not started
+            "startup_coordinator_s": self.startup.get("coordinator_s", 0.0),
+            "startup_folds_s": self.startup.get("folds_s", 0.0),
+            "folds_reused": sum(self.reused),
             # what the probe before the first epoch measured (only when it ran: CUDA, or a CPU bound)
             **({"memory_probe_peak_mb": self.memory_probe["peak_bytes"] / 2**20} if self.memory_probe else {}),
         }
@@ -778,14 +829,21 @@ class _Trial:
         if self.stopped:
             logger.info("trial %s: every fold stopped early after epoch %d", self.trial_id, self.epoch)
 
-    def close(self) -> None:
-        """Kill the fold workers so that their (GPU) memory is freed now, not when Tune removes the group."""
-        for worker in self.workers:
-            if worker is not None:
-                try:
-                    ray.kill(worker, no_restart=True)
-                except Exception:  # noqa: BLE001 - a worker that is already gone is fine
-                    pass
+    def close(self, *, park: bool = False) -> None:
+        """With `park` (the trial ended normally and `setup.reuse_workers`): free each fold's model and keep the
+        actor for the next trial on this coordinator (`fold_pool`). Else kill the fold workers, so that their (GPU)
+        memory is freed now, not when Tune removes the group."""
+        for k, worker in enumerate(self.workers):
+            if worker is None:
+                continue
+            if park:
+                worker.release.remote()  # runs before the next trial's `reset` (actor tasks run in order)
+                fold_pool.park(self.pg, k + self.offset, worker)
+                continue
+            try:
+                ray.kill(worker, no_restart=True)
+            except Exception:  # noqa: BLE001 - a worker that is already gone is fine
+                pass
 
 
 def train_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
@@ -800,7 +858,16 @@ def train_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
         TrialFailed: a fold failed (non-finite loss, CUDA out of memory, ...) or was lost too often.
     """
     trial = _Trial(config, setup)
+    ended = False
     try:
         trial.run()
+        ended = True
+    except SystemExit as stop:
+        # Tune stopped the trial (a scheduler's STOP): Tune waits for a function trainable's report to be
+        # processed before it lets the thread go on, so the stop ends the thread inside `tune.report`, with
+        # every fold idle between epochs.
+        ended = stop.code in (0, None)
+        raise
     finally:
-        trial.close()
+        # The workers of a failed trial may be mid-epoch or broken: never reused.
+        trial.close(park=ended and setup.reuse_workers)
