@@ -145,8 +145,9 @@ class CheckpointConfig:
     """What a trial writes to the experiment's storage each epoch (trainables/trial.py `_Trial.report`)."""
 
     # The folds' full resume states (model + optimizer + scaler: ~2 GB per epoch for 5 ResNet-50-FPN folds) go
-    # into the checkpoint of every `resume_every`-th epoch and of the trial's last; other epochs write best/ (the
-    # kept fold models and out-of-fold predictions) only when a fold improved. They serve only a lost
+    # into the checkpoint of every `resume_every`-th epoch (not the trial's last: an ended trial is never resumed);
+    # other epochs write best/ (the kept fold models and out-of-fold predictions) when a fold improved or the
+    # trial ended. They serve only a lost
     # coordinator or driver (a lost fold is recreated from the coordinator's memory): the trial then goes back
     # to the last states written and reruns at most resume_every - 1 epochs. Default from bench/checkpoint_io.py.
     resume_every: int = 5

@@ -22,6 +22,7 @@ from trainables.trial import (
     BestModel,
     TrialSetup,
     aggregate_fold_metrics,
+    checkpoint_contents,
     pooled_oof_threshold,
     apply_trial_params,
     rank_best,
@@ -236,6 +237,19 @@ def test_checkpoint_without_best_models(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "best" / "best.json").read_text()) == []
     assert read_trial_checkpoint(tmp_path).best == []
     assert not (tmp_path / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(("epoch", "finished", "improved", "expected"), [
+    (5, False, False, "states"),   # every resume_every-th epoch
+    (10, True, False, "states"),   # ... also when it is the last
+    (3, False, True, "best"),      # a fold improved: its best model goes to storage
+    (3, False, False, None),       # nothing new: no checkpoint
+    (7, True, False, "best"),      # the last epoch: the final trial.json, no resume states (never resumed)
+    (7, True, True, "best"),
+])
+def test_checkpoint_contents_writes_resume_states_every_n_epochs_only(epoch: int, finished: bool, improved: bool,
+                                                                       expected: str | None) -> None:
+    assert checkpoint_contents(epoch, resume_every=5, finished=finished, improved=improved) == expected
 
 
 def test_checkpoint_without_fold_states_names_the_one_that_has_them(tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ class TrialSetup:
         data_summary: the driver's load summary (`detection.data.verify.summarize`), recorded in manifests.
         detector_bases: per detector key (`"<arch>/<backbone>"`), the config its trials start from instead of
             `base` (the detector's own model/train keys: `search.config.SweepConfig.detector_bases`).
-        resume_every: the checkpoint of every `resume_every`-th epoch, and of the trial's last, holds the folds'
+        resume_every: the checkpoint of every `resume_every`-th epoch holds the folds'
             resume states (`folds/`); the others only `best/` and trial.json (`search.config.CheckpointConfig`).
         metric, mode: the search's; a trial whose batch does not fit reports the metric's worst value.
         reuse_workers: a trial that ends normally parks its fold actors for the next trial Tune runs on the same
@@ -429,11 +429,13 @@ def read_trial_checkpoint(directory: str | Path) -> TrialCheckpoint:
 
 
 def checkpoint_contents(epoch: int, *, resume_every: int, finished: bool, improved: bool) -> str | None:
-    """What the checkpoint of this epoch holds: "states" (folds/ + best/: every `resume_every`-th epoch and the
-    trial's last), "best" (best/ only: a fold's best model changed), or None (no checkpoint)."""
-    if finished or epoch % resume_every == 0:
+    """What the checkpoint of this epoch holds: "states" (folds/ + best/: every `resume_every`-th epoch), "best"
+    (best/ only: a fold's best model changed, or the trial's last epoch, whose trial.json is the final one), or
+    None (no checkpoint). The trial's last epoch writes no resume states: an ended trial is never resumed, and
+    the checkpoint budget would delete them at once (search/checkpoint_budget.py)."""
+    if epoch % resume_every == 0:
         return "states"
-    return "best" if improved else None
+    return "best" if improved or finished else None
 
 
 # -------------------------------------------------------------------------------------- the trial
@@ -780,8 +782,8 @@ class _Trial:
 
     def report(self, metrics: dict[str, Any]) -> None:
         """Report the epoch with a checkpoint when it has something new to keep: the folds' resume states every
-        `resume_every` epochs and on the trial's last epoch, else `best/` alone when a fold's best model
-        changed, else nothing (the latest checkpoint still holds the trial's best models)."""
+        `resume_every` epochs, else `best/` alone when a fold's best model changed or the trial ended, else
+        nothing (the latest checkpoint still holds the trial's best models)."""
         what = checkpoint_contents(self.epoch, resume_every=self.setup.resume_every,
                                    finished=bool(metrics["finished"]), improved=self.improved)
         with_states = what == "states"
