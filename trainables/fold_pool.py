@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-__all__ = ["park", "parked_count", "take"]
+__all__ = ["park", "take"]
 
 _lock = threading.Lock()
 _parked: dict[tuple[str, int], Any] = {}  # (placement group id hex, bundle index) -> FoldWorker actor handle
@@ -47,12 +47,6 @@ def take(pg: Any, bundle_index: int) -> Any | None:
     for other in stale_actors:
         _kill(other)
     return actor
-
-
-def parked_count() -> int:
-    """How many fold actors are parked in this process."""
-    with _lock:
-        return len(_parked)
 
 
 def _kill(actor: Any) -> None:
