@@ -136,6 +136,10 @@ class EnsembleConfig:
     skip_box_thr: float = 0.01  # WBF drops boxes below this fixed floor (mAP ranks every box above it)
     max_models: int = 8  # greedy cross-trial selection: at most this many models (with repeats); 1 disables it
     greedy_candidates: int = 24  # the strongest single fold models (on the selection split) it chooses from
+    # WBF settings the selection split may choose for the leading candidates (with iou_thr/conf_type above,
+    # which rank trials and drive greedy selection); empty tuples keep those two fixed.
+    iou_thr_grid: tuple[float, ...] = (0.4, 0.5, 0.55, 0.6, 0.7)
+    conf_type_grid: tuple[str, ...] = ("avg", "box_and_model_avg", "absent_model_aware_avg")
     cpus: float = 1.0
     gpus: float = 0.0
 
@@ -395,6 +399,11 @@ def _validate_ensemble(ens: EnsembleConfig, where: str) -> None:
     _check(ens.max_models >= 1, where, "ensemble.max_models", f"an integer >= 1, got {ens.max_models}")
     _check(ens.greedy_candidates >= 1, where, "ensemble.greedy_candidates",
            f"an integer >= 1, got {ens.greedy_candidates}")
+    for i, thr in enumerate(ens.iou_thr_grid):
+        _check(0 < thr < 1, where, f"ensemble.iou_thr_grid[{i}]", f"a number in (0, 1), got {thr}")
+    for i, conf in enumerate(ens.conf_type_grid):
+        _check(conf in WBF_CONF_TYPES, where, f"ensemble.conf_type_grid[{i}]",
+               f"one of {list(WBF_CONF_TYPES)}, got {conf!r}")
     _check(ens.cpus > 0, where, "ensemble.cpus", f"> 0, got {ens.cpus}")
     g = ens.gpus
     _check(g >= 0 and (g <= 1 or float(g).is_integer()), where, "ensemble.gpus",

@@ -14,8 +14,9 @@ For every trial that Tune finished (status TERMINATED, with a checkpoint) the jo
    those selection predictions (the threshold is part of what the selection split chooses),
 4. builds a cross-trial ensemble by greedy forward selection with replacement (Caruana et al. 2004) over the
    fold models of all finished trials, WBF-fused, at most `ensemble.max_models` models,
-5. picks the winner on the selection split (the best trial's ensemble or the greedy one, whichever scores
-   higher) and scores only the winner, and the best single fold model for comparison, on the test split,
+5. tunes the WBF settings (`ensemble.iou_thr_grid` x `ensemble.conf_type_grid`) of the best trial's ensemble
+   and the greedy one on their selection predictions, then picks the winner on the selection split (whichever
+   of the two scores higher) and scores only the winner, and the best single fold model for comparison, on the test split,
    at the thresholds the selection split chose. Nothing is chosen on the test split.
 
 The job writes, into the experiment folder (docs/INTERFACES.md):
@@ -218,12 +219,14 @@ class _Scorer:
         self.targets, self.sizes, self.class_names = list(targets), list(sizes), tuple(class_names)
         self.iou_thr, self.skip_box_thr, self.conf_type = iou_thr, skip_box_thr, conf_type
 
-    def fuse(self, per_model: Sequence[Sequence[Mapping[str, torch.Tensor]]],
-             weights: Sequence[float]) -> list[dict[str, torch.Tensor]]:
+    def fuse(self, per_model: Sequence[Sequence[Mapping[str, torch.Tensor]]], weights: Sequence[float], *,
+             iou_thr: float | None = None, conf_type: str | None = None) -> list[dict[str, torch.Tensor]]:
+        """WBF at the scorer's settings, or at `iou_thr`/`conf_type` where given."""
         from detection.fusion import fuse_predictions
 
-        return fuse_predictions(per_model, self.sizes, weights=list(weights), iou_thr=self.iou_thr,
-                                skip_box_thr=self.skip_box_thr, conf_type=self.conf_type)
+        return fuse_predictions(per_model, self.sizes, weights=list(weights),
+                                iou_thr=self.iou_thr if iou_thr is None else iou_thr, skip_box_thr=self.skip_box_thr,
+                                conf_type=self.conf_type if conf_type is None else conf_type)
 
     def metrics(self, preds: Sequence[Mapping[str, torch.Tensor]], score_threshold: float | None) -> dict[str, float]:
         """`detection_metrics`; `score_threshold=None` picks the F1-optimal one on these predictions."""
@@ -263,6 +266,25 @@ class _Candidate:
     spec: EnsembleSpec
     preds: list[dict[str, torch.Tensor]]  # fused predictions on the selection split
     metrics: dict[str, float]
+
+
+def _tune_fusion(candidate: _Candidate, raw: Mapping[str, Sequence[Mapping[str, torch.Tensor]]], scorer: _Scorer, *,
+                 iou_thrs: Sequence[float], conf_types: Sequence[str]) -> _Candidate:
+    """The candidate at the WBF `iou_thr` x `conf_type` that scores best on the selection split (its members and
+    weights unchanged); its own settings win ties. `raw` holds each member's unfused selection predictions."""
+    spec = candidate.spec
+    per_model = [raw[m.key] for m in spec.models]
+    best = candidate
+    for iou_thr in dict.fromkeys([*iou_thrs, spec.iou_thr]):
+        for conf_type in dict.fromkeys([*conf_types, spec.conf_type]):
+            if (iou_thr, conf_type) == (spec.iou_thr, spec.conf_type):
+                continue
+            fused = scorer.fuse(per_model, spec.weights, iou_thr=iou_thr, conf_type=conf_type)
+            metrics = scorer.metrics(fused, None)
+            if metrics["score"] > best.metrics["score"]:
+                best = _Candidate(replace(spec, iou_thr=iou_thr, conf_type=conf_type,
+                                          score_threshold=metrics["score_threshold"]), fused, metrics)
+    return best
 
 
 def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None = None) -> Path:
@@ -364,8 +386,13 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
         greedy = _Candidate(spec_of(GREEDY, [models[k] for k in counts], list(counts.values()),
                                     metrics["score_threshold"]), fused, metrics)
 
-    # The winner on the selection split; ties go to the single trial's ensemble (fewer models).
+    # The WBF settings of the leading candidates are the selection split's to choose too; then the winner on
+    # the selection split, ties going to the single trial's ensemble (fewer models).
     best_trial = max(per_trial.values(), key=lambda c: (c.metrics["score"], c.spec.name))
+    grid = {"iou_thrs": ens.iou_thr_grid, "conf_types": ens.conf_type_grid}
+    best_trial = per_trial[best_trial.spec.name] = _tune_fusion(best_trial, raw, scorer, **grid)
+    if greedy is not None:
+        greedy = _tune_fusion(greedy, raw, scorer, **grid)
     winner = greedy if greedy is not None and greedy.metrics["score"] > best_trial.metrics["score"] else best_trial
     best_single = max(raw, key=lambda k: (singles[k]["score"], k))
     for trial_id, candidate in per_trial.items():
@@ -387,8 +414,8 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
         test_raw = dict(zip(needed, test_preds["test"]))
         test_records = index.records(split.test)
         test_scorer = _Scorer(targets=_targets(index, split.test), sizes=[(r.height, r.width) for r in test_records],
-                              class_names=first.class_names, iou_thr=ens.iou_thr, skip_box_thr=ens.skip_box_thr,
-                              conf_type=ens.conf_type)
+                              class_names=first.class_names, iou_thr=winner.spec.iou_thr,
+                              skip_box_thr=winner.spec.skip_box_thr, conf_type=winner.spec.conf_type)
         fused = test_scorer.fuse([test_raw[m.key] for m in winner.spec.models], winner.spec.weights)
         final = {
             "chosen": _Candidate(winner.spec, fused, test_scorer.metrics(fused, winner.spec.score_threshold)),
@@ -572,7 +599,7 @@ def _summary(winner: _Candidate, best_trial: _Candidate, greedy: _Candidate | No
              + (f"greedy ensemble ({len(greedy.spec.models)} models, weights {list(greedy.spec.weights)}) score "
                 f"{greedy.metrics['score']:.4f}; " if greedy else "no greedy ensemble; ")
              + f"best single model {best_single} score {singles[best_single]['score']:.4f}. "
-             + f"Chosen: {winner.spec.name}."]
+             + f"Chosen: {winner.spec.name} (WBF iou_thr {winner.spec.iou_thr}, conf_type {winner.spec.conf_type})."]
     if final is not None:
         c, s = final["chosen"].metrics, final["single"]
         lines.append(f"Test split (scored once): chosen ensemble map_50 {c['map_50']:.4f}, f1 {c['f1']:.4f} "

@@ -148,12 +148,17 @@ def test_leaderboard_ranks_trials_with_params_cv_scores_single_models_and_wbf(fi
         assert row["single_model"] in {f"{row['trial_id']}/fold-{m['fold']}" for m in best_models}
         assert float(row["single_score"]) == pytest.approx(
             0.5 * float(row["single_map_50"]) + 0.5 * float(row["single_f1"]), abs=1e-9)
-        # WBF: skip_box_thr the fixed floor, weights the fold models' validation scores, iou_thr the sweep's.
+        # WBF: skip_box_thr the fixed floor, weights the fold models' validation scores, iou_thr and conf_type
+        # the sweep's (the leading trial's from the grid: the selection split tunes them).
         wbf = read_json(finished_sweep / ENSEMBLE_DIR / f"{row['trial_id']}.json")["ensemble"]["wbf"]
         assert int(row["num_models"]) == len(best_models) == min(3, config.data.num_folds)  # K=2 folds -> 2 models
         assert wbf["weights"] == [max(m["score"], MIN_MODEL_WEIGHT) for m in best_models]
         assert wbf["skip_box_thr"] == config.ensemble.skip_box_thr
-        assert wbf["iou_thr"] == config.ensemble.iou_thr and wbf["conf_type"] == config.ensemble.conf_type
+        if row["rank"] == "1":
+            assert wbf["iou_thr"] in (*config.ensemble.iou_thr_grid, config.ensemble.iou_thr)
+            assert wbf["conf_type"] in (*config.ensemble.conf_type_grid, config.ensemble.conf_type)
+        else:
+            assert wbf["iou_thr"] == config.ensemble.iou_thr and wbf["conf_type"] == config.ensemble.conf_type
 
 
 def test_trial_threshold_is_f1_optimal_on_its_saved_out_of_fold_predictions(finished_sweep: Path) -> None:
@@ -243,6 +248,40 @@ def test_best_ensemble_loads_and_reproduces_the_saved_test_predictions(finished_
         assert again[m] == pytest.approx(manifest["test_metrics"][m], abs=1e-3), m
 
 
+def test_the_chosen_wbf_settings_are_the_best_of_the_grid_on_the_selection_split(finished_sweep: Path) -> None:
+    """Recomputed from the chosen models' own selection predictions: no iou_thr x conf_type of the config's grid
+    fuses them to a higher selection score than the settings best_ensemble.json records."""
+    from detection.engine import predict
+    from detection.fusion import fuse_predictions
+
+    config = load_experiment(finished_sweep).ensemble
+    manifest = read_json(finished_sweep / BEST_ENSEMBLE_JSON)
+    models, spec = load_ensemble(finished_sweep / BEST_ENSEMBLE_JSON, "cpu")
+    assert spec.iou_thr in (*config.iou_thr_grid, config.iou_thr)
+    assert spec.conf_type in (*config.conf_type_grid, config.conf_type)
+    _, targets, class_names, images = split_truth(finished_sweep, "selection")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the job's 1-CPU task
+    try:
+        per_model = [predict(model, images, device="cpu", batch_size=2) for model in models]
+    finally:
+        torch.set_num_threads(threads)
+    sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+
+    def score(iou_thr: float, conf_type: str) -> float:
+        fused = fuse_predictions(per_model, sizes, weights=list(spec.weights), iou_thr=iou_thr,
+                                 skip_box_thr=spec.skip_box_thr, conf_type=conf_type)
+        return detection_metrics(fused, targets, score_threshold=None, class_names=class_names)["score"]
+
+    chosen = score(spec.iou_thr, spec.conf_type)
+    assert chosen == pytest.approx(manifest["selection_metrics"]["score"], abs=1e-6)
+    for iou_thr in config.iou_thr_grid:
+        for conf_type in config.conf_type_grid:
+            assert score(iou_thr, conf_type) <= chosen + 1e-6, (iou_thr, conf_type)
+    text = (finished_sweep / LEADERBOARD_MD).read_text()
+    assert f"(WBF iou_thr {spec.iou_thr}, conf_type {spec.conf_type})" in text
+
+
 def test_greedy_selection_with_replacement_on_hand_made_scores() -> None:
     # Scores of multisets of three models: b alone is best; a + b beats b; b twice + c beats everything.
     table = {("b",): 0.5, ("a",): 0.4, ("c",): 0.1, ("a", "b"): 0.6, ("b", "b"): 0.45, ("b", "c"): 0.55,
@@ -328,8 +367,15 @@ def test_ensemble_command_on_one_chosen_trial_matches_the_sweeps_own_run(finishe
     assert f"| 1 | {second['trial_id']} | selection | ensembled |" in done.stdout  # the leaderboard is printed
     (row,) = trial_rows(experiment)
     assert row["trial_id"] == second["trial_id"]
-    for m in METRICS:  # the same models on the same images: the same numbers as in the sweep's own run
-        assert float(row[m]) == pytest.approx(float(second[m]), abs=1e-6), m
+    # Alone, the trial leads, so the selection split also tunes its WBF settings (its sweep's ones among them).
+    wbf = read_json(experiment / ENSEMBLE_DIR / f"{second['trial_id']}.json")["ensemble"]["wbf"]
+    wbf_before = read_json(finished_sweep / ENSEMBLE_DIR / f"{second['trial_id']}.json")["ensemble"]["wbf"]
+    assert float(row["score"]) >= float(second["score"]) - 1e-6
+    if (wbf["iou_thr"], wbf["conf_type"]) == (wbf_before["iou_thr"], wbf_before["conf_type"]):
+        for m in METRICS:  # the same models on the same images: the same numbers as in the sweep's own run
+            assert float(row[m]) == pytest.approx(float(second[m]), abs=1e-6), m
+    else:
+        assert float(row["score"]) > float(second["score"])
     chosen = read_json(experiment / BEST_ENSEMBLE_JSON)
     assert {m["trial_id"] for m in chosen["models"]} == {second["trial_id"]}  # greedy among its own models at most
     # The sweep's own results were never touched through the links.
