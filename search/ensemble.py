@@ -16,8 +16,8 @@ For every trial that Tune finished (status TERMINATED, with a checkpoint) the jo
    fold models of all finished trials, WBF-fused, at most `ensemble.max_models` models,
 5. tunes the WBF settings (`ensemble.iou_thr_grid` x `ensemble.conf_type_grid`) of the best trial's ensemble
    and the greedy one on their selection predictions, then picks the winner on the selection split (whichever
-   of the two scores higher) and scores only the winner, and the best single fold model for comparison, on the test split,
-   at the thresholds the selection split chose. Nothing is chosen on the test split.
+   of the two scores higher) and scores only the winner, and the best single fold model for comparison, on the
+   test split, at the thresholds the selection split chose. Nothing is chosen on the test split.
 
 The job writes, into the experiment folder (docs/INTERFACES.md):
 
@@ -34,6 +34,7 @@ command uses only that).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -41,7 +42,7 @@ import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -337,104 +338,108 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
     index = load_dataset(config.data.path, filter_empty=False)
     split.check_index(index)
     jobs = {trial_id: (t.models, t.num_classes) for trial_id, t in kept.items()}
-    selection_preds, more_failures = _predict_on(jobs, ids=split.selection, config=config)
-    failures.update(more_failures)
-    out_dir = experiment_dir / ENSEMBLE_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ensembled = {t: kept[t] for t in selection_preds}
-    if not ensembled:
-        rows = _leaderboard_rows(trials, kept, {}, {}, failures, greedy=None, final=None, not_kept=not_kept)
-        logger.warning("%s: no trial could be ensembled; %s not written.", experiment_dir, BEST_ENSEMBLE_JSON)
-        return _write_leaderboard(rows, experiment_dir, summary="No trial could be ensembled.")
+    with _local_ray_if_needed(ens, tasks=len(jobs)):  # one Ray for both splits' tasks (workers reused)
+        selection_preds, more_failures = _predict_on(jobs, ids=split.selection, config=config)
+        failures.update(more_failures)
+        out_dir = experiment_dir / ENSEMBLE_DIR
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ensembled = {t: kept[t] for t in selection_preds}
+        if not ensembled:
+            rows = _leaderboard_rows(trials, kept, {}, {}, failures, greedy=None, final=None, not_kept=not_kept)
+            logger.warning("%s: no trial could be ensembled; %s not written.", experiment_dir, BEST_ENSEMBLE_JSON)
+            return _write_leaderboard(rows, experiment_dir, summary="No trial could be ensembled.")
 
-    first = next(iter(ensembled.values()))
-    records = index.records(split.selection)
-    scorer = _Scorer(targets=_targets(index, split.selection), sizes=[(r.height, r.width) for r in records],
-                     class_names=first.class_names, iou_thr=ens.iou_thr, skip_box_thr=ens.skip_box_thr,
-                     conf_type=ens.conf_type)
+        first = next(iter(ensembled.values()))
+        records = index.records(split.selection)
+        scorer = _Scorer(targets=_targets(index, split.selection), sizes=[(r.height, r.width) for r in records],
+                         class_names=first.class_names, iou_thr=ens.iou_thr, skip_box_thr=ens.skip_box_thr,
+                         conf_type=ens.conf_type)
 
-    def spec_of(name: str, models: Sequence[EnsembleModel], weights: Sequence[float], threshold: float) -> EnsembleSpec:
-        return EnsembleSpec(name=name, num_classes=first.num_classes, class_names=first.class_names,
-                            category_ids=first.category_ids, score_threshold=threshold, models=tuple(models),
-                            weights=tuple(weights), iou_thr=ens.iou_thr, skip_box_thr=ens.skip_box_thr,
-                            conf_type=ens.conf_type)
+        def spec_of(name: str, models: Sequence[EnsembleModel], weights: Sequence[float],
+                    threshold: float) -> EnsembleSpec:
+            return EnsembleSpec(name=name, num_classes=first.num_classes, class_names=first.class_names,
+                                category_ids=first.category_ids, score_threshold=threshold, models=tuple(models),
+                                weights=tuple(weights), iou_thr=ens.iou_thr, skip_box_thr=ens.skip_box_thr,
+                                conf_type=ens.conf_type)
 
-    # Every fold model alone, then each trial's models fused (weights: their fold validation scores).
-    raw = {m.key: p for t in ensembled.values() for m, p in zip(t.models, selection_preds[t.trial_id])}
-    models = {m.key: m for t in ensembled.values() for m in t.models}
-    singles = {key: scorer.metrics(raw[key], None) for key in raw}
-    per_trial: dict[str, _Candidate] = {}
-    for trial_id, t in ensembled.items():
-        weights = [max(m.score, MIN_MODEL_WEIGHT) for m in t.models]
-        fused = scorer.fuse([raw[m.key] for m in t.models], weights)
-        metrics = scorer.metrics(fused, None)
-        per_trial[trial_id] = _Candidate(spec_of(trial_id, t.models, weights, metrics["score_threshold"]), fused, metrics)
+        # Every fold model alone, then each trial's models fused (weights: their fold validation scores).
+        raw = {m.key: p for t in ensembled.values() for m, p in zip(t.models, selection_preds[t.trial_id])}
+        models = {m.key: m for t in ensembled.values() for m in t.models}
+        singles = {key: scorer.metrics(raw[key], None) for key in raw}
+        per_trial: dict[str, _Candidate] = {}
+        for trial_id, t in ensembled.items():
+            weights = [max(m.score, MIN_MODEL_WEIGHT) for m in t.models]
+            fused = scorer.fuse([raw[m.key] for m in t.models], weights)
+            metrics = scorer.metrics(fused, None)
+            spec = spec_of(trial_id, t.models, weights, metrics["score_threshold"])
+            per_trial[trial_id] = _Candidate(spec, fused, metrics)
 
-    greedy = None
-    if ens.max_models > 1 and len(raw) > 1:
-        # The strongest single models only: greedy selection fuses once per candidate and step.
-        candidates = sorted(raw, key=lambda k: -singles[k]["score"])[: ens.greedy_candidates]
+        greedy = None
+        if ens.max_models > 1 and len(raw) > 1:
+            # The strongest single models only: greedy selection fuses once per candidate and step.
+            candidates = sorted(raw, key=lambda k: -singles[k]["score"])[: ens.greedy_candidates]
 
-        def fused_score(keys: Sequence[str]) -> float:
-            counts = Counter(keys)
-            return scorer.metrics(scorer.fuse([raw[k] for k in counts], list(counts.values())), None)["score"]
+            def fused_score(keys: Sequence[str]) -> float:
+                counts = Counter(keys)
+                return scorer.metrics(scorer.fuse([raw[k] for k in counts], list(counts.values())), None)["score"]
 
-        chosen, _ = greedy_selection(candidates, fused_score, max_models=ens.max_models)
-        counts = Counter(chosen)
-        fused = scorer.fuse([raw[k] for k in counts], list(counts.values()))
-        metrics = scorer.metrics(fused, None)
-        greedy = _Candidate(spec_of(GREEDY, [models[k] for k in counts], list(counts.values()),
-                                    metrics["score_threshold"]), fused, metrics)
+            chosen, _ = greedy_selection(candidates, fused_score, max_models=ens.max_models)
+            counts = Counter(chosen)
+            fused = scorer.fuse([raw[k] for k in counts], list(counts.values()))
+            metrics = scorer.metrics(fused, None)
+            greedy = _Candidate(spec_of(GREEDY, [models[k] for k in counts], list(counts.values()),
+                                        metrics["score_threshold"]), fused, metrics)
 
-    # The WBF settings of the leading candidates are the selection split's to choose too; then the winner on
-    # the selection split, ties going to the single trial's ensemble (fewer models).
-    best_trial = max(per_trial.values(), key=lambda c: (c.metrics["score"], c.spec.name))
-    grid = {"iou_thrs": ens.iou_thr_grid, "conf_types": ens.conf_type_grid}
-    best_trial = per_trial[best_trial.spec.name] = _tune_fusion(best_trial, raw, scorer, **grid)
-    if greedy is not None:
-        greedy = _tune_fusion(greedy, raw, scorer, **grid)
-    winner = greedy if greedy is not None and greedy.metrics["score"] > best_trial.metrics["score"] else best_trial
-    best_single = max(raw, key=lambda k: (singles[k]["score"], k))
-    for trial_id, candidate in per_trial.items():
-        _write_split_result(out_dir / f"{trial_id}.json", candidate, split=split, image_ids=split.selection,
-                            params=next(t.params for t in trials if t.trial_id == trial_id), name="selection")
-    if greedy is not None:
-        _write_split_result(out_dir / f"{GREEDY}.json", greedy, split=split, image_ids=split.selection, params={},
-                            name="selection")
+        # The WBF settings of the leading candidates are the selection split's to choose too; then the winner on
+        # the selection split, ties going to the single trial's ensemble (fewer models).
+        best_trial = max(per_trial.values(), key=lambda c: (c.metrics["score"], c.spec.name))
+        grid = {"iou_thrs": ens.iou_thr_grid, "conf_types": ens.conf_type_grid}
+        best_trial = per_trial[best_trial.spec.name] = _tune_fusion(best_trial, raw, scorer, **grid)
+        if greedy is not None:
+            greedy = _tune_fusion(greedy, raw, scorer, **grid)
+        winner = greedy if greedy is not None and greedy.metrics["score"] > best_trial.metrics["score"] else best_trial
+        best_single = max(raw, key=lambda k: (singles[k]["score"], k))
+        for trial_id, candidate in per_trial.items():
+            _write_split_result(out_dir / f"{trial_id}.json", candidate, split=split, image_ids=split.selection,
+                                params=next(t.params for t in trials if t.trial_id == trial_id), name="selection")
+        if greedy is not None:
+            _write_split_result(out_dir / f"{GREEDY}.json", greedy, split=split, image_ids=split.selection, params={},
+                                name="selection")
 
-    final = None
-    if split.test:
-        # The only use of the test split: the chosen ensemble and the best single model, at the thresholds the
-        # selection split chose.
-        needed = {m.key: m for m in (*winner.spec.models, models[best_single])}
-        test_preds, test_failures = _predict_on({"test": (tuple(needed.values()), first.num_classes)},
-                                                ids=split.test, config=config)
-        if test_failures:
-            raise EnsembleError(f"the test-split predictions failed: {test_failures['test']}")
-        test_raw = dict(zip(needed, test_preds["test"]))
-        test_records = index.records(split.test)
-        test_scorer = _Scorer(targets=_targets(index, split.test), sizes=[(r.height, r.width) for r in test_records],
-                              class_names=first.class_names, iou_thr=winner.spec.iou_thr,
-                              skip_box_thr=winner.spec.skip_box_thr, conf_type=winner.spec.conf_type)
-        fused = test_scorer.fuse([test_raw[m.key] for m in winner.spec.models], winner.spec.weights)
-        final = {
-            "chosen": _Candidate(winner.spec, fused, test_scorer.metrics(fused, winner.spec.score_threshold)),
-            "single": test_scorer.metrics(test_raw[best_single], singles[best_single]["score_threshold"]),
-        }
-        _write_split_result(out_dir / "test.json", final["chosen"], split=split, image_ids=split.test, params={},
-                            name="test")
-    else:
-        logger.warning("%s: the split holds no test images; the chosen ensemble has no test figures.", split_path)
+        final = None
+        if split.test:
+            # The only use of the test split: the chosen ensemble and the best single model, at the thresholds the
+            # selection split chose.
+            needed = {m.key: m for m in (*winner.spec.models, models[best_single])}
+            test_preds, test_failures = _predict_on({"test": (tuple(needed.values()), first.num_classes)},
+                                                    ids=split.test, config=config)
+            if test_failures:
+                raise EnsembleError(f"the test-split predictions failed: {test_failures['test']}")
+            test_raw = dict(zip(needed, test_preds["test"]))
+            test_records = index.records(split.test)
+            test_scorer = _Scorer(targets=_targets(index, split.test),
+                                  sizes=[(r.height, r.width) for r in test_records],
+                                  class_names=first.class_names, iou_thr=winner.spec.iou_thr,
+                                  skip_box_thr=winner.spec.skip_box_thr, conf_type=winner.spec.conf_type)
+            fused = test_scorer.fuse([test_raw[m.key] for m in winner.spec.models], winner.spec.weights)
+            final = {
+                "chosen": _Candidate(winner.spec, fused, test_scorer.metrics(fused, winner.spec.score_threshold)),
+                "single": test_scorer.metrics(test_raw[best_single], singles[best_single]["score_threshold"]),
+            }
+            _write_split_result(out_dir / "test.json", final["chosen"], split=split, image_ids=split.test, params={},
+                                name="test")
+        else:
+            logger.warning("%s: the split holds no test images; the chosen ensemble has no test figures.", split_path)
 
-    rows = _leaderboard_rows(trials, kept, per_trial, singles, failures, greedy=greedy, final=final,
-                             best_single=best_single, not_kept=not_kept)
-    summary = _summary(winner, best_trial, greedy, final, best_single, singles)
-    csv_path = _write_leaderboard(rows, experiment_dir, summary=summary)
-    _write_best_ensemble(experiment_dir, winner, split_hash=split.hash,
-                         test_metrics=final["chosen"].metrics if final else None,
-                         single={"model": best_single, "selection": singles[best_single],
-                                 "test": final["single"] if final else None})
-    return csv_path
+        rows = _leaderboard_rows(trials, kept, per_trial, singles, failures, greedy=greedy, final=final,
+                                 best_single=best_single, not_kept=not_kept)
+        summary = _summary(winner, best_trial, greedy, final, best_single, singles)
+        csv_path = _write_leaderboard(rows, experiment_dir, summary=summary)
+        _write_best_ensemble(experiment_dir, winner, split_hash=split.hash,
+                             test_metrics=final["chosen"].metrics if final else None,
+                             single={"model": best_single, "selection": singles[best_single],
+                                     "test": final["single"] if final else None})
+        return csv_path
 
 
 def _predict_on(jobs: Mapping[str, tuple[Sequence[EnsembleModel], int]], *, ids: Sequence[int],
@@ -448,11 +453,7 @@ def _predict_on(jobs: Mapping[str, tuple[Sequence[EnsembleModel], int]], *, ids:
     failures: dict[str, str] = {}
     if not jobs:
         return results, failures
-    started_ray = False
-    if not ray.is_initialized():
-        started_ray = True
-        _init_local_ray(cpus=ens.cpus, gpus=ens.gpus, tasks=len(jobs))
-    try:
+    with _local_ray_if_needed(ens, tasks=len(jobs)):
         task = ray.remote(_predict_models)
         waiting = list(jobs.items())
         running: dict[Any, str] = {}
@@ -482,10 +483,23 @@ def _predict_on(jobs: Mapping[str, tuple[Sequence[EnsembleModel], int]], *, ids:
             except ray.exceptions.RayError as error:  # one bad trial does not sink the job
                 failures[name] = error_line(error)
                 logger.warning("%s: the ensemble task failed: %s", name, failures[name])
-    finally:
-        if started_ray:
-            ray.shutdown()
     return results, failures
+
+
+@contextlib.contextmanager
+def _local_ray_if_needed(ens: Any, *, tasks: int) -> Iterator[None]:
+    """The running Ray (the sweep's, a cluster's), or a local one started here and shut down on leaving; none
+    for no tasks."""
+    import ray
+
+    if tasks == 0 or ray.is_initialized():
+        yield
+        return
+    _init_local_ray(cpus=ens.cpus, gpus=ens.gpus, tasks=tasks)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _read_model_files(models: Sequence[EnsembleModel]) -> list[bytes]:
