@@ -64,8 +64,17 @@ def test_predict_files_and_folders_skipping_unreadable(finished_sweep: Path, tmp
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
     missing = tmp_path / "missing.jpg"
     out, drawn = tmp_path / "preds.json", tmp_path / "drawn"
+    # The fixture's models are 2 epochs old, and the threshold their selection split chose can lie above every
+    # test box; a copy of the manifest cuts at the median score of the saved test predictions, so that boxes
+    # are both written and left out.
+    best = json.loads((finished_sweep / "best_ensemble.json").read_text())
+    scores = sorted(p["score"] for p in json.loads((finished_sweep / "ensemble" / "test.json").read_text())["predictions"])
+    assert scores, "the chosen ensemble predicted no test box at all"
+    best["score_threshold"] = scores[len(scores) // 2]
+    manifest = tmp_path / "best_ensemble.json"  # model paths are absolute: they still point at the sweep's
+    manifest.write_text(json.dumps(best))
 
-    code = cli_main(["predict", "--ensemble", str(finished_sweep / "best_ensemble.json"), str(files[0]),
+    code = cli_main(["predict", "--ensemble", str(manifest), str(files[0]),
                      str(broken), str(folder), str(missing), "--out", str(out), "--draw", str(drawn),
                      "--device", "cpu"])
     assert code == 0
@@ -83,7 +92,6 @@ def test_predict_files_and_folders_skipping_unreadable(finished_sweep: Path, tmp
     # The dataset's original COCO category ids (DeepForest: 1 Tree, 2 Dead, 3 Alive; 0 is the dataset name).
     assert data["categories"] == [{"id": 1, "name": "Tree"}, {"id": 2, "name": "Dead"}, {"id": 3, "name": "Alive"}]
 
-    best = json.loads((finished_sweep / "best_ensemble.json").read_text())
     assert data["info"]["score_threshold"] == best["score_threshold"]  # boxes below the ensemble's cut are left out
     assert data["info"]["ensemble_name"] == best["name"] and data["info"]["num_models"] == len(best["models"])
     assert data["info"]["detectors"] == sorted({f"{m['arch']}/{m['backbone']}" for m in best["models"]})
