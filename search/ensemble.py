@@ -444,8 +444,9 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
 
 def _predict_on(jobs: Mapping[str, tuple[Sequence[EnsembleModel], int]], *, ids: Sequence[int],
                 config: Any) -> tuple[dict[str, list[list[dict[str, torch.Tensor]]]], dict[str, str]]:
-    """Run `_predict_models` for every job (one Ray task each, at most `MAX_TASKS_IN_FLIGHT` at once);
-    returns `{job: [model][image] predictions}` and `{job: why it failed}`."""
+    """Run `_predict_models` for every job (one Ray task each, at most `MAX_TASKS_IN_FLIGHT` at once) on the
+    running Ray (`run_ensemble` holds one for both splits); returns `{job: [model][image] predictions}` and
+    `{job: why it failed}`."""
     import ray
 
     ens = config.ensemble
@@ -453,36 +454,35 @@ def _predict_on(jobs: Mapping[str, tuple[Sequence[EnsembleModel], int]], *, ids:
     failures: dict[str, str] = {}
     if not jobs:
         return results, failures
-    with _local_ray_if_needed(ens, tasks=len(jobs)):
-        task = ray.remote(_predict_models)
-        waiting = list(jobs.items())
-        running: dict[Any, str] = {}
-        while waiting or running:
-            # The driver reads a job's model files just before its task starts, and keeps a bounded number
-            # of tasks (and their models in the object store) in flight.
-            while waiting and len(running) < MAX_TASKS_IN_FLIGHT:
-                name, (models, num_classes) = waiting.pop(0)
-                try:
-                    model_bytes = _read_model_files(models)
-                except EnsembleError as error:
-                    failures[name] = str(error)
-                    logger.warning("%s is not ensembled: %s", name, error)
-                    continue
-                # One task per trial, named so that the dashboard shows which trial each one is.
-                ref = task.options(num_cpus=ens.cpus, num_gpus=ens.gpus, max_retries=1,
-                                   name=f"ensemble/{name}").remote(
-                    models, num_classes=num_classes, data_path=config.data.path, image_ids=list(ids),
-                    batch_size=config.train.eval_batch_size, model_bytes=model_bytes)
-                running[ref] = name
-            if not running:
-                break
-            (done,), _ = ray.wait(list(running), num_returns=1)
-            name = running.pop(done)
+    task = ray.remote(_predict_models)
+    waiting = list(jobs.items())
+    running: dict[Any, str] = {}
+    while waiting or running:
+        # The driver reads a job's model files just before its task starts, and keeps a bounded number
+        # of tasks (and their models in the object store) in flight.
+        while waiting and len(running) < MAX_TASKS_IN_FLIGHT:
+            name, (models, num_classes) = waiting.pop(0)
             try:
-                results[name] = ray.get(done)
-            except ray.exceptions.RayError as error:  # one bad trial does not sink the job
-                failures[name] = error_line(error)
-                logger.warning("%s: the ensemble task failed: %s", name, failures[name])
+                model_bytes = _read_model_files(models)
+            except EnsembleError as error:
+                failures[name] = str(error)
+                logger.warning("%s is not ensembled: %s", name, error)
+                continue
+            # One task per trial, named so that the dashboard shows which trial each one is.
+            ref = task.options(num_cpus=ens.cpus, num_gpus=ens.gpus, max_retries=1,
+                               name=f"ensemble/{name}").remote(
+                models, num_classes=num_classes, data_path=config.data.path, image_ids=list(ids),
+                batch_size=config.train.eval_batch_size, model_bytes=model_bytes)
+            running[ref] = name
+        if not running:
+            break
+        (done,), _ = ray.wait(list(running), num_returns=1)
+        name = running.pop(done)
+        try:
+            results[name] = ray.get(done)
+        except ray.exceptions.RayError as error:  # one bad trial does not sink the job
+            failures[name] = error_line(error)
+            logger.warning("%s: the ensemble task failed: %s", name, failures[name])
     return results, failures
 
 

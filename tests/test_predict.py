@@ -68,7 +68,8 @@ def test_predict_files_and_folders_skipping_unreadable(finished_sweep: Path, tmp
     # test box; a copy of the manifest cuts at the median score of the saved test predictions, so that boxes
     # are both written and left out.
     best = json.loads((finished_sweep / "best_ensemble.json").read_text())
-    scores = sorted(p["score"] for p in json.loads((finished_sweep / "ensemble" / "test.json").read_text())["predictions"])
+    saved = json.loads((finished_sweep / "ensemble" / "test.json").read_text())["predictions"]
+    scores = sorted(p["score"] for p in saved)
     assert scores, "the chosen ensemble predicted no test box at all"
     best["score_threshold"] = scores[len(scores) // 2]
     manifest = tmp_path / "best_ensemble.json"  # model paths are absolute: they still point at the sweep's
