@@ -162,6 +162,10 @@ class TrainConfig:
     # trial's threshold on its out-of-fold predictions). mAP always uses every box.
     score_threshold: float | None = None
     augment: bool = True
+    # Aerial and microscopy images have no "up": vertical flips and 90-degree turns are free extra data there
+    # (off by default: street scenes and documents do have an up).
+    vflip_p: float = 0.0
+    rot90_p: float = 0.0
     eval_batch_size: int = 4
 
     def validate(self, where: str) -> None:
@@ -182,6 +186,9 @@ class TrainConfig:
         if self.score_threshold is not None:
             _check(0.0 <= self.score_threshold < 1.0, where, "train.score_threshold",
                    f"null (F1-optimal) or a number in [0, 1), got {self.score_threshold}")
+        for key in ("vflip_p", "rot90_p"):
+            value = getattr(self, key)
+            _check(0.0 <= value <= 1.0, where, f"train.{key}", f"a probability in [0, 1], got {value}")
         _check(self.eval_batch_size >= 1, where, "train.eval_batch_size", f">= 1, got {self.eval_batch_size}")
 
     def image_size_at(self, epoch: int) -> int:

@@ -144,8 +144,10 @@ class FoldTrainer:
     def _train_loader(self, size: int) -> DataLoader:
         # Transforms and shuffling are reseeded per epoch so that a resumed fold sees the same epochs.
         epoch_seed = self.seed * 1000 + self.epoch
-        self.train_set.transforms = build_train_transforms(size, seed=epoch_seed) if self.config.train.augment \
-            else build_eval_transforms(size)
+        train_cfg = self.config.train
+        self.train_set.transforms = build_train_transforms(
+            size, seed=epoch_seed, vflip_p=train_cfg.vflip_p, rot90_p=train_cfg.rot90_p,
+        ) if train_cfg.augment else build_eval_transforms(size)
         generator = torch.Generator().manual_seed(epoch_seed)
         if self.sampler is not None:
             self.sampler.set_epoch(self.epoch)

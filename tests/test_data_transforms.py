@@ -50,6 +50,22 @@ def test_labels_follow_their_boxes_through_flips():
     assert labels.tolist() == [5, 9]
 
 
+def test_quarter_turns_move_boxes_with_the_pixels():
+    # A white box on black: whichever of the 90/180/270-degree turns is drawn, the turned box must still frame it.
+    image = np.zeros((80, 120, 3), np.uint8)
+    image[20:50, 10:40] = 255
+    box = np.array([[10, 20, 40, 50]], np.float32)
+    transform = build_train_transforms(None, seed=0, hflip_p=0.0, rot90_p=1.0, color_p=0.0, affine_p=0.0, blur_p=0.0)
+    shapes = set()
+    for _ in range(12):
+        out, boxes, labels = transform(image, box, np.array([4]))
+        shapes.add(out.shape[:2])
+        rows, cols = np.nonzero(out[..., 0])
+        np.testing.assert_allclose(boxes, [[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]])
+        assert labels.tolist() == [4]
+    assert shapes == {(80, 120), (120, 80)}  # both odd and even quarter turns were drawn
+
+
 def test_empty_boxes_pass_through():
     for transform in (build_train_transforms(64, seed=0), build_eval_transforms(64), build_eval_transforms(None)):
         _, boxes, labels = transform(_image(50, 70), np.zeros((0, 4), np.float32), np.zeros((0,), np.int64))

@@ -108,6 +108,8 @@ BAD_CASES = [
     pytest.param({"search": {"space": {"batch_size": []}}}, "search.space.batch_size", "non-empty",
                  id="batch-size-empty-list"),
     pytest.param({"train": {"batch_size": 0}}, "train.batch_size", "integer >= 1", id="base-batch-size-zero"),
+    pytest.param({"train": {"rot90_p": 1.5}}, "train.rot90_p", "a probability in [0, 1], got 1.5",
+                 id="rot90-probability-above-one"),
     pytest.param({"data": {"path": "no/such/dataset"}}, "data.path", "a COCO .json file or a Roboflow export folder",
                  id="missing-dataset"),
     pytest.param({"data": {"num_folds": 1}}, "data.num_folds", "integer >= 2", id="one-fold"),

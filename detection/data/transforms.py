@@ -113,30 +113,33 @@ def build_train_transforms(
     seed: int | None = None,
     hflip_p: float = 0.5,
     vflip_p: float = 0.0,
+    rot90_p: float = 0.0,
     color_p: float = 0.5,
     affine_p: float = 0.5,
     blur_p: float = 0.1,
 ) -> DetectionTransform:
-    """Training augmentation: flips, brightness/contrast, hue/saturation, affine, blur, resize + pad.
+    """Training augmentation: flips, 90-degree turns, brightness/contrast, hue/saturation, affine, blur, resize + pad.
 
     Args:
         image_size: square output side in pixels (``LongestMaxSize`` + top-left ``PadIfNeeded``);
             None keeps each image's size.
         seed: makes the augmentation sequence reproducible (None: fresh randomness).
         hflip_p, vflip_p: flip probabilities (vertical flips suit aerial and microscopy images).
+        rot90_p: probability of a turn by 90, 180 or 270 degrees (the same images: they have no "up").
         color_p: probability of brightness/contrast and, separately, of hue/saturation jitter.
         affine_p: probability of a small shift-scale-rotate (``Affine``; the rotated boxes use the
             ellipse method, which does not inflate boxes as much as the corners do).
         blur_p: probability of a light blur.
     """
     _check_size(image_size)
-    for name, p in (("hflip_p", hflip_p), ("vflip_p", vflip_p), ("color_p", color_p),
+    for name, p in (("hflip_p", hflip_p), ("vflip_p", vflip_p), ("rot90_p", rot90_p), ("color_p", color_p),
                     ("affine_p", affine_p), ("blur_p", blur_p)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"`0 <= {name} <= 1` must hold, but got ({name}={p}).")
     steps: list[A.BasicTransform] = [
         A.HorizontalFlip(p=hflip_p),
         A.VerticalFlip(p=vflip_p),
+        A.RandomRotate90(p=rot90_p),
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=color_p),
         A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=0, p=color_p),
         A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
