@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from ensemble_boxes import weighted_boxes_fusion
 
+from detection.metrics import MAX_DETECTIONS
+
 __all__ = ["CONF_TYPES", "boxes_to_absolute", "boxes_to_normalized", "fuse_predictions"]
 
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
@@ -40,6 +42,7 @@ def fuse_predictions(
     iou_thr: float = 0.55,
     skip_box_thr: float = 0.0,
     conf_type: str = "avg",
+    max_detections: int = MAX_DETECTIONS,
 ) -> list[dict[str, torch.Tensor]]:
     """Fuse M models' predictions on the same images with Weighted Boxes Fusion.
 
@@ -51,6 +54,8 @@ def fuse_predictions(
         iou_thr: IoU at which boxes of the same label join a cluster.
         skip_box_thr: boxes with a lower score are dropped before fusing.
         conf_type: how a cluster's score is computed, one of :data:`CONF_TYPES`.
+        max_detections: highest-scored fused boxes kept per image: the limit each model and the
+            metrics already use (M models' boxes that do not cluster would otherwise add up past it).
 
     Returns:
         One dict per image: ``boxes`` float32 [K, 4] xyxy absolute, ``scores`` float32 [K],
@@ -74,6 +79,8 @@ def fuse_predictions(
         raise ValueError(f"`conf_type` must be one of {CONF_TYPES}, but got {conf_type=}.")
     if not 0.0 < iou_thr <= 1.0:
         raise ValueError(f"`0 < iou_thr <= 1` must hold, but got {iou_thr=}.")
+    if max_detections < 1:
+        raise ValueError(f"`max_detections >= 1` must hold, but got {max_detections=}.")
     for i, size in enumerate(image_sizes):
         if len(size) != 2 or min(size) <= 0:
             raise ValueError(f"Expected image_sizes[{i}] to be a positive (height, width), but got {size!r}.")
@@ -98,6 +105,8 @@ def fuse_predictions(
             skip_box_thr=skip_box_thr,
             conf_type=conf_type,
         )
+        # WBF returns its clusters sorted by descending score.
+        boxes, scores, labels = boxes[:max_detections], scores[:max_detections], labels[:max_detections]
         fused.append(
             {
                 "boxes": torch.as_tensor(boxes_to_absolute(boxes, size), dtype=torch.float32).reshape(-1, 4),

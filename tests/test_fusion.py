@@ -6,6 +6,7 @@ import torch
 from ensemble_boxes import weighted_boxes_fusion
 
 from detection.fusion import boxes_to_absolute, boxes_to_normalized, fuse_predictions
+from detection.metrics import MAX_DETECTIONS
 
 
 def _pred(boxes, scores, labels):
@@ -64,6 +65,22 @@ def test_two_models_fuse_to_weighted_average():
     )
 
 
+def test_fused_boxes_are_capped_at_the_detection_limit():
+    # Two models, 200 boxes each on a grid, none overlapping: 400 clusters, of which the 300 best are kept.
+    rng = np.random.default_rng(0)
+    cells = [(x, y) for x in range(20) for y in range(20)]
+    preds = []
+    for half in (cells[:200], cells[200:]):
+        boxes = [[10 * x, 10 * y, 10 * x + 8, 10 * y + 8] for x, y in half]
+        preds.append([_pred(boxes, rng.uniform(0.01, 1.0, len(half)).tolist(), [1] * len(half))])
+    (fused,) = fuse_predictions(preds, [(200, 200)], weights=None)
+    all_scores = np.sort(np.concatenate([p[0]["scores"].numpy() for p in preds]))[::-1] / 2  # 1 box of 2 models
+    assert len(fused["scores"]) == MAX_DETECTIONS == 300
+    np.testing.assert_allclose(fused["scores"].numpy(), all_scores[:300], rtol=1e-5)
+    (few,) = fuse_predictions(preds, [(200, 200)], weights=None, max_detections=10)
+    np.testing.assert_allclose(few["scores"].numpy(), all_scores[:10], rtol=1e-5)
+
+
 def test_agrees_with_ensemble_boxes():
     rng = np.random.default_rng(0)
     sizes = [(300, 400), (250, 250)]
@@ -112,3 +129,5 @@ def test_rejects_bad_arguments():
         fuse_predictions([one], [(10, 10)], weights=[1.0], conf_type="mean")
     with pytest.raises(ValueError, match="model 1 has 0"):
         fuse_predictions([one, []], [(10, 10)], weights=None)
+    with pytest.raises(ValueError, match=r"`max_detections >= 1` must hold, but got max_detections=0"):
+        fuse_predictions([one], [(10, 10)], weights=None, max_detections=0)
