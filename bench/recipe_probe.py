@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from detection.config import ExperimentConfig
 from detection.data.coco import CocoDetection, collate_detection, load_dataset
 from detection.data.splits import make_split
-from detection.engine import evaluate
+from detection.engine import evaluate, predict
 from detection.trainer import FoldTrainer
 
 
@@ -40,6 +40,8 @@ def main() -> int:
     parser.add_argument("--train", action="append", default=[], help="extra train.KEY=VALUE")
     parser.add_argument("--eval-every", type=int, default=1, help="score selection/test every N epochs")
     parser.add_argument("--test-proposals", type=int, default=None, help="faster_rcnn: RPN proposals kept at test time")
+    parser.add_argument("--tta", action="store_true",
+                        help="at the last epoch also score hflip test-time augmentation (WBF of both views)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,9 +85,36 @@ def main() -> int:
             row[f"{name}_map_50"], row[f"{name}_f1"] = m["map_50"], m["f1"]
         rows.append(row)
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    if args.tta:
+        print(" ".join(f"{k}={v:.3f}" for k, v in _tta_figures(trainer.model, index, split).items()), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return 0
+
+
+def _tta_figures(model, index, split) -> dict[str, float]:
+    """map_50/F1 on the fold's validation images, selection and test of the model alone and fused with its hflip
+    view (WBF, iou 0.55); F1 at the threshold F1-optimal on the validation images."""
+    from detection.fusion import fuse_predictions
+    from detection.metrics import detection_metrics
+
+    out = {}
+    thresholds = {}
+    for name, ids in (("val", split.val_ids(0)), ("selection", split.selection), ("test", split.test)):
+        records = index.records(ids)
+        images = [CocoDetection(index, ids)[i][0] for i in range(len(ids))]
+        targets = [{"boxes": torch.as_tensor(r.boxes).reshape(-1, 4), "labels": torch.as_tensor(r.labels),
+                    "iscrowd": torch.as_tensor(r.iscrowd)} for r in records]
+        plain = predict(model, images, device="cpu")
+        mirrored = predict(model, images, device="cpu", hflip=True)
+        sizes = [(r.height, r.width) for r in records]
+        views = {"plain": plain, "tta": fuse_predictions([plain, mirrored], sizes, weights=None, iou_thr=0.55)}
+        for view, preds in views.items():
+            m = detection_metrics(preds, targets, score_threshold=thresholds.get(view),
+                                  class_names=index.class_names)
+            thresholds.setdefault(view, m["score_threshold"])
+            out[f"{name}_{view}_map_50"], out[f"{name}_{view}_f1"] = m["map_50"], m["f1"]
+    return out
 
 
 if __name__ == "__main__":

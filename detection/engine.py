@@ -32,6 +32,7 @@ __all__ = [
     "build_warmup_cosine_scheduler",
     "collect_predictions",
     "evaluate",
+    "mirror_boxes",
     "predict",
     "train_one_epoch",
 ]
@@ -229,8 +230,12 @@ def predict(
     *,
     device: torch.device | str,
     batch_size: int = 4,
+    hflip: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Eval-mode predictions for ``images`` (float [3, H, W] in [0, 1], any sizes), in batches.
+
+    ``hflip``: predict the mirrored images and mirror the boxes back, the second view of flip test-time
+    augmentation (the models train with horizontal flips; WBF fuses the two views).
 
     Returns:
         One CPU dict per image: ``boxes`` float [N, 4] xyxy absolute in that image's pixels,
@@ -250,10 +255,21 @@ def predict(
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 batch = [image.to(device, non_blocking=True) for image in images[start : start + batch_size]]
-                results.extend(_to_cpu(output, ("boxes", "scores", "labels")) for output in model(batch))
+                if hflip:
+                    batch = [image.flip(-1) for image in batch]
+                for image, output in zip(batch, model(batch)):
+                    output = _to_cpu(output, ("boxes", "scores", "labels"))
+                    if hflip:
+                        output["boxes"] = mirror_boxes(output["boxes"], width=image.shape[-1])
+                    results.append(output)
     finally:
         model.train(was_training)
     return results
+
+
+def mirror_boxes(boxes: torch.Tensor, *, width: int) -> torch.Tensor:
+    """``xyxy absolute`` boxes of a horizontally flipped image of ``width`` pixels, in the original's pixels."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
 def build_optimizer(

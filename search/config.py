@@ -140,6 +140,9 @@ class EnsembleConfig:
     # which rank trials and drive greedy selection); empty tuples keep those two fixed.
     iou_thr_grid: tuple[float, ...] = (0.4, 0.5, 0.55, 0.6, 0.7)
     conf_type_grid: tuple[str, ...] = ("avg", "box_and_model_avg", "absent_model_aware_avg")
+    # Flip test-time augmentation (each model also predicts the mirrored image; WBF fuses both views), for the
+    # selection split to choose like the WBF settings; (false,) never runs the mirrored view (half the inference).
+    hflip_tta_grid: tuple[bool, ...] = (False, True)
     cpus: float = 1.0
     gpus: float = 0.0
 
@@ -404,6 +407,8 @@ def _validate_ensemble(ens: EnsembleConfig, where: str) -> None:
     for i, conf in enumerate(ens.conf_type_grid):
         _check(conf in WBF_CONF_TYPES, where, f"ensemble.conf_type_grid[{i}]",
                f"one of {list(WBF_CONF_TYPES)}, got {conf!r}")
+    _check(len(ens.hflip_tta_grid) >= 1, where, "ensemble.hflip_tta_grid",
+           "a non-empty list of true/false ([false] never mirrors), got []")
     _check(ens.cpus > 0, where, "ensemble.cpus", f"> 0, got {ens.cpus}")
     g = ens.gpus
     _check(g >= 0 and (g <= 1 or float(g).is_integer()), where, "ensemble.gpus",

@@ -14,7 +14,8 @@ For every trial that Tune finished (status TERMINATED, with a checkpoint) the jo
    those selection predictions (the threshold is part of what the selection split chooses),
 4. builds a cross-trial ensemble by greedy forward selection with replacement (Caruana et al. 2004) over the
    fold models of all finished trials, WBF-fused, at most `ensemble.max_models` models,
-5. tunes the WBF settings (`ensemble.iou_thr_grid` x `ensemble.conf_type_grid`) of the best trial's ensemble
+5. tunes the WBF settings (`ensemble.iou_thr_grid` x `ensemble.conf_type_grid` x flip TTA from
+   `ensemble.hflip_tta_grid`: the mirrored images' predictions fused too) of the best trial's ensemble
    and the greedy one on their selection predictions, then picks the winner on the selection split (whichever
    of the two scores higher) and scores only the winner, and the best single fold model for comparison, on the
    test split, at the thresholds the selection split chose. Nothing is chosen on the test split.
@@ -57,6 +58,7 @@ from search.ensemble_models import (
     EnsembleModel,
     EnsembleSpec,
     build_ensemble_models,
+    fusion_members,
     predictions_to_coco,
 )
 from search.formatting import finite_float, format_or_dash, markdown_table
@@ -123,6 +125,10 @@ class LeaderboardRow:
 LEADERBOARD_COLUMNS = tuple(LeaderboardRow.__dataclass_fields__)
 MAX_TASKS_IN_FLIGHT = 8  # trials whose models sit in Ray's object store at once (3 models each)
 
+_Preds = Mapping[str, Sequence[Mapping[str, torch.Tensor]]]  # model key -> its predictions, one per image
+# A prediction task's answer: [model][image] predictions on the images, and on their mirrors (or None).
+_Views = tuple[list[list[dict[str, torch.Tensor]]], list[list[dict[str, torch.Tensor]]] | None]
+
 
 class ModelsNotKept(EnsembleError):
     """A trial's fold models were deleted by the checkpoint budget (search/checkpoint_budget.py): not a failure."""
@@ -182,10 +188,11 @@ def _trial_models(info: TrialResult) -> _TrialModels:
 
 
 def _predict_models(models: Sequence[EnsembleModel], *, num_classes: int, data_path: str, image_ids: Sequence[int],
-                    batch_size: int, model_bytes: Sequence[bytes]) -> list[list[dict[str, torch.Tensor]]]:
+                    batch_size: int, model_bytes: Sequence[bytes], hflip: bool = False) -> _Views:
     """Every model's raw predictions on `image_ids` at full resolution: `[model][image]` dicts (`boxes` [N, 4]
-    xyxy absolute, `scores`, `labels`). Runs as a Ray task (or in-process); the driver hands over the model
-    files' bytes, so a task on any node needs only the dataset."""
+    xyxy absolute, `scores`, `labels`), and with `hflip` also on the mirrored images (boxes mirrored back; None
+    without). Runs as a Ray task (or in-process); the driver hands over the model files' bytes, so a task on any
+    node needs only the dataset."""
     from torch.utils.data import DataLoader
 
     from detection.data.coco import CocoDetection, collate_detection, load_dataset
@@ -201,10 +208,14 @@ def _predict_models(models: Sequence[EnsembleModel], *, num_classes: int, data_p
     loader = DataLoader(CocoDetection(index, list(image_ids), transforms=None), batch_size=batch_size,
                         shuffle=False, collate_fn=collate_detection)
     out: list[list[dict[str, torch.Tensor]]] = [[] for _ in built]
+    mirrored: list[list[dict[str, torch.Tensor]]] = [[] for _ in built]
     for images, _ in loader:
         for m, model in enumerate(built):
-            out[m].extend(predict(model, images, device=next(model.parameters()).device, batch_size=batch_size))
-    return out
+            device = next(model.parameters()).device
+            out[m].extend(predict(model, images, device=device, batch_size=batch_size))
+            if hflip:
+                mirrored[m].extend(predict(model, images, device=device, batch_size=batch_size, hflip=True))
+    return out, (mirrored if hflip else None)
 
 
 def _targets(index: Any, image_ids: Sequence[int]) -> list[dict[str, torch.Tensor]]:
@@ -269,22 +280,26 @@ class _Candidate:
     metrics: dict[str, float]
 
 
-def _tune_fusion(candidate: _Candidate, raw: Mapping[str, Sequence[Mapping[str, torch.Tensor]]], scorer: _Scorer, *,
-                 iou_thrs: Sequence[float], conf_types: Sequence[str]) -> _Candidate:
-    """The candidate at the WBF `iou_thr` x `conf_type` that scores best on the selection split (its members and
-    weights unchanged); its own settings win ties. `raw` holds each member's unfused selection predictions."""
+def _tune_fusion(candidate: _Candidate, raw: _Preds, mirrored: _Preds, scorer: _Scorer, *,
+                 iou_thrs: Sequence[float], conf_types: Sequence[str], hflip_ttas: Sequence[bool]) -> _Candidate:
+    """The candidate at the WBF `iou_thr` x `conf_type` x flip TTA that scores best on the selection split (its
+    members and weights unchanged); its own settings win ties. `raw` and `mirrored` hold each member's unfused
+    selection predictions on the images and on their mirrors."""
     spec = candidate.spec
-    per_model = [raw[m.key] for m in spec.models]
+    plain = [raw[m.key] for m in spec.models]
     best = candidate
-    for iou_thr in dict.fromkeys([*iou_thrs, spec.iou_thr]):
-        for conf_type in dict.fromkeys([*conf_types, spec.conf_type]):
-            if (iou_thr, conf_type) == (spec.iou_thr, spec.conf_type):
-                continue
-            fused = scorer.fuse(per_model, spec.weights, iou_thr=iou_thr, conf_type=conf_type)
-            metrics = scorer.metrics(fused, None)
-            if metrics["score"] > best.metrics["score"]:
-                best = _Candidate(replace(spec, iou_thr=iou_thr, conf_type=conf_type,
-                                          score_threshold=metrics["score_threshold"]), fused, metrics)
+    for hflip_tta in dict.fromkeys([*hflip_ttas, spec.hflip_tta]):
+        members, weights = fusion_members(plain, [mirrored[m.key] for m in spec.models] if hflip_tta else None,
+                                          spec.weights, hflip_tta=hflip_tta)
+        for iou_thr in dict.fromkeys([*iou_thrs, spec.iou_thr]):
+            for conf_type in dict.fromkeys([*conf_types, spec.conf_type]):
+                if (iou_thr, conf_type, hflip_tta) == (spec.iou_thr, spec.conf_type, spec.hflip_tta):
+                    continue
+                fused = scorer.fuse(members, weights, iou_thr=iou_thr, conf_type=conf_type)
+                metrics = scorer.metrics(fused, None)
+                if metrics["score"] > best.metrics["score"]:
+                    best = _Candidate(replace(spec, iou_thr=iou_thr, conf_type=conf_type, hflip_tta=hflip_tta,
+                                              score_threshold=metrics["score_threshold"]), fused, metrics)
     return best
 
 
@@ -339,7 +354,9 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
     split.check_index(index)
     jobs = {trial_id: (t.models, t.num_classes) for trial_id, t in kept.items()}
     with _local_ray_if_needed(ens, tasks=len(jobs)):  # one Ray for both splits' tasks (workers reused)
-        selection_preds, more_failures = _predict_on(jobs, ids=split.selection, config=config)
+        # Mirrored views too where the selection split may choose flip TTA (twice the inference).
+        selection_preds, more_failures = _predict_on(jobs, ids=split.selection, config=config,
+                                                     hflip=True in ens.hflip_tta_grid)
         failures.update(more_failures)
         out_dir = experiment_dir / ENSEMBLE_DIR
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -363,7 +380,9 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
                                 conf_type=ens.conf_type)
 
         # Every fold model alone, then each trial's models fused (weights: their fold validation scores).
-        raw = {m.key: p for t in ensembled.values() for m, p in zip(t.models, selection_preds[t.trial_id])}
+        raw = {m.key: p for t in ensembled.values() for m, p in zip(t.models, selection_preds[t.trial_id][0])}
+        mirrored = {m.key: p for t in ensembled.values()
+                    for m, p in zip(t.models, selection_preds[t.trial_id][1] or ())}
         models = {m.key: m for t in ensembled.values() for m in t.models}
         singles = {key: scorer.metrics(raw[key], None) for key in raw}
         per_trial: dict[str, _Candidate] = {}
@@ -393,10 +412,10 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
         # The WBF settings of the leading candidates are the selection split's to choose too; then the winner on
         # the selection split, ties going to the single trial's ensemble (fewer models).
         best_trial = max(per_trial.values(), key=lambda c: (c.metrics["score"], c.spec.name))
-        grid = {"iou_thrs": ens.iou_thr_grid, "conf_types": ens.conf_type_grid}
-        best_trial = per_trial[best_trial.spec.name] = _tune_fusion(best_trial, raw, scorer, **grid)
+        grid = {"iou_thrs": ens.iou_thr_grid, "conf_types": ens.conf_type_grid, "hflip_ttas": ens.hflip_tta_grid}
+        best_trial = per_trial[best_trial.spec.name] = _tune_fusion(best_trial, raw, mirrored, scorer, **grid)
         if greedy is not None:
-            greedy = _tune_fusion(greedy, raw, scorer, **grid)
+            greedy = _tune_fusion(greedy, raw, mirrored, scorer, **grid)
         winner = greedy if greedy is not None and greedy.metrics["score"] > best_trial.metrics["score"] else best_trial
         best_single = max(raw, key=lambda k: (singles[k]["score"], k))
         for trial_id, candidate in per_trial.items():
@@ -412,16 +431,21 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
             # selection split chose.
             needed = {m.key: m for m in (*winner.spec.models, models[best_single])}
             test_preds, test_failures = _predict_on({"test": (tuple(needed.values()), first.num_classes)},
-                                                    ids=split.test, config=config)
+                                                    ids=split.test, config=config, hflip=winner.spec.hflip_tta)
             if test_failures:
                 raise EnsembleError(f"the test-split predictions failed: {test_failures['test']}")
-            test_raw = dict(zip(needed, test_preds["test"]))
+            test_plain, test_mirrored = test_preds["test"]
+            test_raw = dict(zip(needed, test_plain))
             test_records = index.records(split.test)
             test_scorer = _Scorer(targets=_targets(index, split.test),
                                   sizes=[(r.height, r.width) for r in test_records],
                                   class_names=first.class_names, iou_thr=winner.spec.iou_thr,
                                   skip_box_thr=winner.spec.skip_box_thr, conf_type=winner.spec.conf_type)
-            fused = test_scorer.fuse([test_raw[m.key] for m in winner.spec.models], winner.spec.weights)
+            members, weights = fusion_members(
+                [test_raw[m.key] for m in winner.spec.models],
+                [dict(zip(needed, test_mirrored))[m.key] for m in winner.spec.models] if test_mirrored else None,
+                winner.spec.weights, hflip_tta=winner.spec.hflip_tta)
+            fused = test_scorer.fuse(members, weights)
             final = {
                 "chosen": _Candidate(winner.spec, fused, test_scorer.metrics(fused, winner.spec.score_threshold)),
                 "single": test_scorer.metrics(test_raw[best_single], singles[best_single]["score_threshold"]),
@@ -443,14 +467,14 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
 
 
 def _predict_on(jobs: Mapping[str, tuple[Sequence[EnsembleModel], int]], *, ids: Sequence[int],
-                config: Any) -> tuple[dict[str, list[list[dict[str, torch.Tensor]]]], dict[str, str]]:
+                config: Any, hflip: bool = False) -> tuple[dict[str, _Views], dict[str, str]]:
     """Run `_predict_models` for every job (one Ray task each, at most `MAX_TASKS_IN_FLIGHT` at once) on the
-    running Ray (`run_ensemble` holds one for both splits); returns `{job: [model][image] predictions}` and
-    `{job: why it failed}`."""
+    running Ray (`run_ensemble` holds one for both splits); returns `{job: ([model][image] predictions, the same
+    on the mirrored images or None)}` and `{job: why it failed}`."""
     import ray
 
     ens = config.ensemble
-    results: dict[str, list[list[dict[str, torch.Tensor]]]] = {}
+    results: dict[str, _Views] = {}
     failures: dict[str, str] = {}
     if not jobs:
         return results, failures
@@ -472,7 +496,7 @@ def _predict_on(jobs: Mapping[str, tuple[Sequence[EnsembleModel], int]], *, ids:
             ref = task.options(num_cpus=ens.cpus, num_gpus=ens.gpus, max_retries=1,
                                name=f"ensemble/{name}").remote(
                 models, num_classes=num_classes, data_path=config.data.path, image_ids=list(ids),
-                batch_size=config.train.eval_batch_size, model_bytes=model_bytes)
+                batch_size=config.train.eval_batch_size, model_bytes=model_bytes, hflip=hflip)
             running[ref] = name
         if not running:
             break
@@ -591,7 +615,8 @@ def _leaderboard_rows(trials: Sequence[TrialResult], kept: Mapping[str, _TrialMo
     if final is not None:
         chosen = final["chosen"]
         rows.append(LeaderboardRow(**{**empty, "trial_id": "chosen", "split": "test",
-                                      "status": f"chosen ensemble ({chosen.spec.name})",
+                                      "status": f"chosen ensemble ({chosen.spec.name}"
+                                                + (", flip TTA)" if chosen.spec.hflip_tta else ")"),
                                       "num_models": len(chosen.spec.models), "detector": _detectors(chosen.spec),
                                       "score_threshold": chosen.spec.score_threshold,
                                       **_metric_fields(chosen.metrics)}))
@@ -613,7 +638,8 @@ def _summary(winner: _Candidate, best_trial: _Candidate, greedy: _Candidate | No
              + (f"greedy ensemble ({len(greedy.spec.models)} models, weights {list(greedy.spec.weights)}) score "
                 f"{greedy.metrics['score']:.4f}; " if greedy else "no greedy ensemble; ")
              + f"best single model {best_single} score {singles[best_single]['score']:.4f}. "
-             + f"Chosen: {winner.spec.name} (WBF iou_thr {winner.spec.iou_thr}, conf_type {winner.spec.conf_type})."]
+             + f"Chosen: {winner.spec.name} (WBF iou_thr {winner.spec.iou_thr}, conf_type {winner.spec.conf_type}"
+             + (", flip TTA" if winner.spec.hflip_tta else "") + ")."]
     if final is not None:
         c, s = final["chosen"].metrics, final["single"]
         lines.append(f"Test split (scored once): chosen ensemble map_50 {c['map_50']:.4f}, f1 {c['f1']:.4f} "

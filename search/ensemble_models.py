@@ -24,6 +24,7 @@ __all__ = [
     "EnsembleModel",
     "EnsembleSpec",
     "build_ensemble_models",
+    "fusion_members",
     "load_ensemble",
     "predict_ensemble",
     "predictions_from_coco",
@@ -87,6 +88,9 @@ class EnsembleSpec:
     iou_thr: float
     skip_box_thr: float  # a low fixed floor, not the score threshold
     conf_type: str
+    # Flip test-time augmentation: every model also predicts the mirrored image, and WBF fuses both views (each
+    # at the model's weight). The selection split chooses it (`ensemble.hflip_tta_grid`).
+    hflip_tta: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,7 +102,7 @@ class EnsembleSpec:
             "score_threshold": self.score_threshold,
             "models": [asdict(m) for m in self.models],
             "wbf": {"weights": list(self.weights), "iou_thr": self.iou_thr, "skip_box_thr": self.skip_box_thr,
-                    "conf_type": self.conf_type},
+                    "conf_type": self.conf_type, "hflip_tta": self.hflip_tta},
         }
 
     @classmethod
@@ -122,6 +126,7 @@ class EnsembleSpec:
                     for m in data["models"]),
                 weights=tuple(float(w) for w in wbf["weights"]), iou_thr=float(wbf["iou_thr"]),
                 skip_box_thr=float(wbf["skip_box_thr"]), conf_type=str(wbf["conf_type"]),
+                hflip_tta=_flag(wbf.get("hflip_tta", False), where=where, key="wbf.hflip_tta"),
             )
         except KeyError as error:
             raise EnsembleError(f"{where}: missing key {error}; expected a file written by the ensemble job "
@@ -141,6 +146,24 @@ class EnsembleSpec:
             raise EnsembleError(f"{where}: `class_names` and `category_ids` must have num_classes="
                                 f"{self.num_classes} entries, but got {len(self.class_names)} and "
                                 f"{len(self.category_ids)}.")
+
+
+def _flag(value: Any, *, where: str, key: str) -> bool:
+    if not isinstance(value, bool):  # bool("false") would be True
+        raise EnsembleError(f"{where}: `{key}` must be true or false, but got {value!r}.")
+    return value
+
+
+def fusion_members(plain: Sequence[Any], mirrored: Sequence[Any] | None, weights: Sequence[float], *,
+                   hflip_tta: bool) -> tuple[list[Any], list[float]]:
+    """WBF's inputs for an ensemble: each model's predictions and, with flip TTA, each model's mirrored-view
+    predictions too (at the model's weight)."""
+    if not hflip_tta:
+        return list(plain), list(weights)
+    if mirrored is None or len(mirrored) != len(plain):
+        raise ValueError(f"flip TTA needs one mirrored-view prediction per model ({len(plain)}), but got "
+                         f"{None if mirrored is None else len(mirrored)}.")
+    return [*plain, *mirrored], [*weights, *weights]
 
 
 _SPEC_KEYS = {"format", "name", "num_classes", "class_names", "category_ids", "score_threshold", "models", "wbf"}
@@ -186,8 +209,9 @@ def predict_ensemble(
 ) -> list[dict[str, torch.Tensor]]:
     """Fused predictions of `models` on `images` (float [3, H, W] in [0, 1], any sizes, full resolution).
 
-    Every model predicts every image (each resizes internally to its own input size), then WBF fuses the
-    models' boxes per image with `params.weights`, `iou_thr`, `skip_box_thr` and `conf_type`.
+    Every model predicts every image (each resizes internally to its own input size; with `params.hflip_tta`
+    also the mirrored image), then WBF fuses the models' boxes per image with `params.weights`, `iou_thr`,
+    `skip_box_thr` and `conf_type`.
 
     Returns:
         One CPU dict per image: `boxes` float32 [K, 4] xyxy absolute in that image's pixels, `scores` [K],
@@ -200,12 +224,15 @@ def predict_ensemble(
         raise ValueError(f"Expected one model per WBF weight ({len(params.weights)}), but got {len(models)} models.")
     if not images:
         return []
-    per_model = []
+    plain, mirrored = [], []
     for model in models:
         device = next(model.parameters()).device
-        per_model.append(predict(model, images, device=device, batch_size=batch_size))
+        plain.append(predict(model, images, device=device, batch_size=batch_size))
+        if params.hflip_tta:
+            mirrored.append(predict(model, images, device=device, batch_size=batch_size, hflip=True))
+    members, weights = fusion_members(plain, mirrored, params.weights, hflip_tta=params.hflip_tta)
     sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]  # (h, w)
-    return fuse_predictions(per_model, sizes, weights=list(params.weights), iou_thr=params.iou_thr,
+    return fuse_predictions(members, sizes, weights=weights, iou_thr=params.iou_thr,
                             skip_box_thr=params.skip_box_thr, conf_type=params.conf_type)
 
 

@@ -17,6 +17,7 @@ from detection.engine import (
     build_optimizer,
     build_warmup_cosine_scheduler,
     evaluate,
+    mirror_boxes,
     predict,
     train_one_epoch,
 )
@@ -274,3 +275,20 @@ def test_predict_returns_cpu_boxes_in_each_image_frame():
     assert preds[2]["boxes"][:, 3].max() > 64  # the 100 px tall image is mapped back past 64
     with pytest.raises(ValueError, match=r"images\[0\].*\[3, H, W\]"):
         predict(model, [torch.zeros(64, 64)], device="cpu")
+
+
+def test_hflip_predicts_the_mirrored_image_in_the_original_frame():
+    model = _tiny_faster_rcnn()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 40, 50)]
+    flipped = predict(model, images, device="cpu", hflip=True)
+    on_mirrors = predict(model, [image.flip(-1) for image in images], device="cpu")
+    for pred, mirror, image in zip(flipped, on_mirrors, images):
+        width = image.shape[-1]
+        assert len(pred["boxes"]) == len(mirror["boxes"]) > 0
+        torch.testing.assert_close(pred["boxes"], mirror_boxes(mirror["boxes"], width=width))
+        torch.testing.assert_close(pred["scores"], mirror["scores"])
+        assert (pred["boxes"][:, 0] < pred["boxes"][:, 2]).all() and (pred["boxes"][:, 2] <= width + 1e-3).all()
+    # x1' = W - x2, x2' = W - x1 in an 80 px wide image; y unchanged; empty stays [0, 4]
+    torch.testing.assert_close(mirror_boxes(torch.tensor([[10.0, 5.0, 30.0, 25.0]]), width=80),
+                               torch.tensor([[50.0, 5.0, 70.0, 25.0]]))
+    assert mirror_boxes(torch.zeros(0, 4), width=80).shape == (0, 4)

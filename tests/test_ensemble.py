@@ -36,6 +36,7 @@ from search.ensemble import (
 from search.ensemble_models import (
     BEST_ENSEMBLE_DIR,
     EnsembleError,
+    EnsembleSpec,
     load_ensemble,
     predict_ensemble,
     predictions_from_coco,
@@ -249,8 +250,8 @@ def test_best_ensemble_loads_and_reproduces_the_saved_test_predictions(finished_
 
 
 def test_the_chosen_wbf_settings_are_the_best_of_the_grid_on_the_selection_split(finished_sweep: Path) -> None:
-    """Recomputed from the chosen models' own selection predictions: no iou_thr x conf_type of the config's grid
-    fuses them to a higher selection score than the settings best_ensemble.json records."""
+    """Recomputed from the chosen models' own selection predictions: no iou_thr x conf_type x flip TTA of the
+    config's grid fuses them to a higher selection score than the settings best_ensemble.json records."""
     from detection.engine import predict
     from detection.fusion import fuse_predictions
 
@@ -264,22 +265,32 @@ def test_the_chosen_wbf_settings_are_the_best_of_the_grid_on_the_selection_split
     torch.set_num_threads(1)  # as the job's 1-CPU task
     try:
         per_model = [predict(model, images, device="cpu", batch_size=2) for model in models]
+        mirrored = [predict(model, images, device="cpu", batch_size=2, hflip=True) for model in models]
     finally:
         torch.set_num_threads(threads)
     sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
 
-    def score(iou_thr: float, conf_type: str) -> float:
-        fused = fuse_predictions(per_model, sizes, weights=list(spec.weights), iou_thr=iou_thr,
-                                 skip_box_thr=spec.skip_box_thr, conf_type=conf_type)
+    def score(iou_thr: float, conf_type: str, hflip_tta: bool) -> float:
+        members = per_model + mirrored if hflip_tta else per_model
+        weights = list(spec.weights) * (2 if hflip_tta else 1)
+        fused = fuse_predictions(members, sizes, weights=weights, iou_thr=iou_thr, skip_box_thr=spec.skip_box_thr,
+                                 conf_type=conf_type)
         return detection_metrics(fused, targets, score_threshold=None, class_names=class_names)["score"]
 
-    chosen = score(spec.iou_thr, spec.conf_type)
+    assert config.hflip_tta_grid == (False, True)
+    chosen = score(spec.iou_thr, spec.conf_type, spec.hflip_tta)
     assert chosen == pytest.approx(manifest["selection_metrics"]["score"], abs=1e-6)
-    for iou_thr in config.iou_thr_grid:
-        for conf_type in config.conf_type_grid:
-            assert score(iou_thr, conf_type) <= chosen + 1e-6, (iou_thr, conf_type)
+    tried = {}
+    for hflip_tta in config.hflip_tta_grid:
+        for iou_thr in config.iou_thr_grid:
+            for conf_type in config.conf_type_grid:
+                tried[iou_thr, conf_type, hflip_tta] = score(iou_thr, conf_type, hflip_tta)
+                assert tried[iou_thr, conf_type, hflip_tta] <= chosen + 1e-6, (iou_thr, conf_type, hflip_tta)
+    # the mirrored view changes what is fused: the grid's two halves are not the same numbers
+    assert any(abs(tried[i, c, True] - tried[i, c, False]) > 1e-6 for i, c, _ in tried)
     text = (finished_sweep / LEADERBOARD_MD).read_text()
-    assert f"(WBF iou_thr {spec.iou_thr}, conf_type {spec.conf_type})" in text
+    tta = ", flip TTA" if spec.hflip_tta else ""
+    assert f"(WBF iou_thr {spec.iou_thr}, conf_type {spec.conf_type}{tta})" in text
 
 
 def test_greedy_selection_with_replacement_on_hand_made_scores() -> None:
@@ -318,6 +329,35 @@ def test_predict_ensemble_on_an_empty_scene_and_on_no_images(finished_sweep: Pat
     assert metrics["f1"] == 0.0 and metrics["score"] == 0.5 * metrics["map_50"]
 
 
+def test_flip_tta_fuses_each_models_mirrored_view_at_its_weight(finished_sweep: Path) -> None:
+    """`predict_ensemble` with flip TTA on (and off, whichever the sweep did not choose) is WBF over every model's
+    predictions on the images and on their mirrors (boxes mirrored back), each at the model's weight."""
+    from dataclasses import replace
+
+    from detection.engine import predict
+    from detection.fusion import fuse_predictions
+
+    models, spec = load_ensemble(finished_sweep / BEST_ENSEMBLE_JSON, "cpu")
+    _, _, _, images = split_truth(finished_sweep, "test")
+    images = images[:3]
+    sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+    plain = [predict(model, images, device="cpu") for model in models]
+    mirrored = [predict(model, images, device="cpu", hflip=True) for model in models]
+    for hflip_tta in (False, True):
+        flipped_spec = replace(spec, hflip_tta=hflip_tta)
+        got = predict_ensemble(models, flipped_spec, images)
+        members, weights = (plain + mirrored, list(spec.weights) * 2) if hflip_tta else (plain, list(spec.weights))
+        want = fuse_predictions(members, sizes, weights=weights, iou_thr=spec.iou_thr, skip_box_thr=spec.skip_box_thr,
+                                conf_type=spec.conf_type)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g["boxes"], w["boxes"])
+            torch.testing.assert_close(g["scores"], w["scores"])
+        # the flag survives best_ensemble.json
+        round_trip = EnsembleSpec.from_json(json.loads(json.dumps(flipped_spec.to_json())), where="-")
+        assert round_trip.hflip_tta is hflip_tta
+    assert any(len(p["boxes"]) for p in got)
+
+
 def test_load_ensemble_finds_moved_models_and_names_bad_manifests(finished_sweep: Path, tmp_path: Path) -> None:
     manifest = read_json(finished_sweep / BEST_ENSEMBLE_JSON)
     moved = tmp_path / "moved"
@@ -348,6 +388,14 @@ def test_load_ensemble_finds_moved_models_and_names_bad_manifests(finished_sweep
     (tmp_path / "short.json").write_text(json.dumps(short))
     with pytest.raises(EnsembleError, match=r"`wbf.weights` must hold one weight per model"):
         load_ensemble(tmp_path / "short.json", "cpu")
+
+    odd_flag = {**manifest, "wbf": {**manifest["wbf"], "hflip_tta": "yes"}}
+    (tmp_path / "odd_flag.json").write_text(json.dumps(odd_flag))
+    with pytest.raises(EnsembleError, match=r"odd_flag\.json: `wbf.hflip_tta` must be true or false, but got 'yes'"):
+        load_ensemble(tmp_path / "odd_flag.json", "cpu")
+    unflipped = {**manifest, "wbf": {k: v for k, v in manifest["wbf"].items() if k != "hflip_tta"}}
+    (moved / "unflipped.json").write_text(json.dumps(unflipped))  # written before flip TTA: no mirrored view
+    assert load_ensemble(moved / "unflipped.json", "cpu")[1].hflip_tta is False
 
     (tmp_path / "lost.json").write_text(json.dumps(stale))  # no best_ensemble/ beside it either
     with pytest.raises(EnsembleError, match=r"gone/.*\.pt: model file of trial .* not found"):
