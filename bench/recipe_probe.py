@@ -102,7 +102,8 @@ def _tta_figures(model, index, split) -> dict[str, float]:
     thresholds = {}
     for name, ids in (("val", split.val_ids(0)), ("selection", split.selection), ("test", split.test)):
         records = index.records(ids)
-        images = [CocoDetection(index, ids)[i][0] for i in range(len(ids))]
+        dataset = CocoDetection(index, ids)
+        images = [dataset[i][0] for i in range(len(ids))]
         targets = [{"boxes": torch.as_tensor(r.boxes).reshape(-1, 4), "labels": torch.as_tensor(r.labels),
                     "iscrowd": torch.as_tensor(r.iscrowd)} for r in records]
         plain = predict(model, images, device="cpu")

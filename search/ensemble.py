@@ -436,6 +436,7 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
                 raise EnsembleError(f"the test-split predictions failed: {test_failures['test']}")
             test_plain, test_mirrored = test_preds["test"]
             test_raw = dict(zip(needed, test_plain))
+            test_raw_mirrored = dict(zip(needed, test_mirrored)) if test_mirrored else {}
             test_records = index.records(split.test)
             test_scorer = _Scorer(targets=_targets(index, split.test),
                                   sizes=[(r.height, r.width) for r in test_records],
@@ -443,7 +444,7 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
                                   skip_box_thr=winner.spec.skip_box_thr, conf_type=winner.spec.conf_type)
             members, weights = fusion_members(
                 [test_raw[m.key] for m in winner.spec.models],
-                [dict(zip(needed, test_mirrored))[m.key] for m in winner.spec.models] if test_mirrored else None,
+                [test_raw_mirrored[m.key] for m in winner.spec.models] if test_mirrored else None,
                 winner.spec.weights, hflip_tta=winner.spec.hflip_tta)
             fused = test_scorer.fuse(members, weights)
             final = {
