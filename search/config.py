@@ -143,6 +143,9 @@ class EnsembleConfig:
     # Flip test-time augmentation (each model also predicts the mirrored image; WBF fuses both views), for the
     # selection split to choose like the WBF settings; (false,) never runs the mirrored view (half the inference).
     hflip_tta_grid: tuple[bool, ...] = (False, True)
+    # Paired bootstrap over the test split's images (detection/bootstrap.py): 95% intervals of the chosen
+    # ensemble's and the best single model's figures and of their difference; 0 leaves them out.
+    bootstrap_samples: int = 1000
     cpus: float = 1.0
     gpus: float = 0.0
 
@@ -409,6 +412,8 @@ def _validate_ensemble(ens: EnsembleConfig, where: str) -> None:
                f"one of {list(WBF_CONF_TYPES)}, got {conf!r}")
     _check(len(ens.hflip_tta_grid) >= 1, where, "ensemble.hflip_tta_grid",
            "a non-empty list of true/false ([false] never mirrors), got []")
+    _check(ens.bootstrap_samples >= 0, where, "ensemble.bootstrap_samples",
+           f"an integer >= 0 (0: no intervals), got {ens.bootstrap_samples}")
     _check(ens.cpus > 0, where, "ensemble.cpus", f"> 0, got {ens.cpus}")
     g = ens.gpus
     _check(g >= 0 and (g <= 1 or float(g).is_integer()), where, "ensemble.gpus",

@@ -451,6 +451,14 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
                 "chosen": _Candidate(winner.spec, fused, test_scorer.metrics(fused, winner.spec.score_threshold)),
                 "single": test_scorer.metrics(test_raw[best_single], singles[best_single]["score_threshold"]),
             }
+            if ens.bootstrap_samples:
+                from detection.bootstrap import paired_bootstrap
+
+                # How far the two test figures and their difference can be trusted on this many images.
+                final["bootstrap"] = paired_bootstrap(
+                    fused, test_raw[best_single], test_scorer.targets, samples=ens.bootstrap_samples,
+                    thresholds=(winner.spec.score_threshold, singles[best_single]["score_threshold"]),
+                    seed=config.seed)
             _write_split_result(out_dir / "test.json", final["chosen"], split=split, image_ids=split.test, params={},
                                 name="test")
         else:
@@ -462,6 +470,7 @@ def run_ensemble(experiment_dir: str | Path, *, trial_ids: Sequence[str] | None 
         csv_path = _write_leaderboard(rows, experiment_dir, summary=summary)
         _write_best_ensemble(experiment_dir, winner, split_hash=split.hash,
                              test_metrics=final["chosen"].metrics if final else None,
+                             test_bootstrap=final.get("bootstrap") if final else None,
                              single={"model": best_single, "selection": singles[best_single],
                                      "test": final["single"] if final else None})
         return csv_path
@@ -646,7 +655,22 @@ def _summary(winner: _Candidate, best_trial: _Candidate, greedy: _Candidate | No
         lines.append(f"Test split (scored once): chosen ensemble map_50 {c['map_50']:.4f}, f1 {c['f1']:.4f} "
                      f"(threshold {winner.spec.score_threshold:.3f}), map {c['map']:.4f}; best single model "
                      f"map_50 {s['map_50']:.4f}, f1 {s['f1']:.4f}.")
+        if final.get("bootstrap"):
+            lines.append(bootstrap_line(final["bootstrap"]))
     return "\n".join(lines)
+
+
+def bootstrap_line(boot: Mapping[str, Any]) -> str:
+    """The paired bootstrap's intervals as one sentence (leaderboard.md and the report)."""
+    from detection.bootstrap import format_interval as fmt
+
+    a, b, d, share = boot["a"], boot["b"], boot["difference"], boot["share_a_ge_b"]
+    return (f"Paired bootstrap over the {boot['images']} test images ({boot['samples']} resamples, "
+            f"{100 * boot['level']:.0f}% intervals): chosen ensemble map_50 {fmt(a['map_50'])}, f1 {fmt(a['f1'])}; "
+            f"best single model map_50 {fmt(b['map_50'])}, f1 {fmt(b['f1'])}; chosen minus single map_50 "
+            f"{fmt(d['map_50'])}, f1 {fmt(d['f1'])}, score {fmt(d['score'])}; the chosen ensemble scores at least "
+            f"the single model's map_50 in {100 * share['map_50']:.0f}% of resamples, its score in "
+            f"{100 * share['score']:.0f}%.")
 
 
 def _write_leaderboard(rows: Sequence[LeaderboardRow], experiment_dir: Path, *, summary: str) -> Path:
@@ -684,7 +708,8 @@ def format_leaderboard(rows: Sequence[LeaderboardRow]) -> str:
 
 
 def _write_best_ensemble(experiment_dir: Path, winner: _Candidate, *, split_hash: str,
-                         test_metrics: Mapping[str, Any] | None, single: Mapping[str, Any]) -> Path:
+                         test_metrics: Mapping[str, Any] | None, single: Mapping[str, Any],
+                         test_bootstrap: Mapping[str, Any] | None = None) -> Path:
     """Copy the chosen ensemble's model files to `best_ensemble/` and write `best_ensemble.json` pointing at them."""
     folder = experiment_dir / BEST_ENSEMBLE_DIR
     if folder.exists():
@@ -700,5 +725,7 @@ def _write_best_ensemble(experiment_dir: Path, winner: _Candidate, *, split_hash
     _write_json(path, {**copied.to_json(), "split_hash": split_hash, "selection_metrics": dict(winner.metrics),
                        "test_metrics": dict(test_metrics) if test_metrics is not None else None,
                        "best_single_model": dict(single),
+                       # a: the chosen ensemble, b: the best single model (detection/bootstrap.py)
+                       "test_bootstrap": dict(test_bootstrap) if test_bootstrap is not None else None,
                        "sources": sorted({str(Path(m.path).parent.parent) for m in winner.spec.models})})
     return path

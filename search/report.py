@@ -509,6 +509,11 @@ def build_report(experiment_dir: str | Path, *, max_images: int = 8, max_curves:
                         f"({html.escape(str(top.get('detector')))}, {_fmt(top.get('num_models'), '.0f')} models); on "
                         f"the test split map_50 {_fmt(top.get('map_50'), '.4f')}, f1 {_fmt(top.get('f1'), '.4f')}, "
                         f"score {_fmt(top.get('score'), '.4f')}.</b>")
+        boot = _read_json(best_file).get("test_bootstrap") if best_file.is_file() else None
+        if boot:
+            from search.ensemble import bootstrap_line
+
+            summary += " " + html.escape(bootstrap_line(boot))
     written = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     title = f"detsweep report: {experiment_dir.name}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

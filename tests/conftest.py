@@ -112,6 +112,7 @@ def write_tiny_sweep_config(path: Path, *, name: str, data: Path, storage: Path,
                              **({"score_threshold": {"low": score_threshold[0], "high": score_threshold[1]}}
                                 if score_threshold else {})}},
         "resources": {"cpus_per_fold": 1, "gpus_per_fold": 0, "coordinator_cpus": 0},
+        "ensemble": {"bootstrap_samples": 50},  # a few seconds; the default 1000 is the product's
     }
     path.write_text(yaml.safe_dump(config))
     return path

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from detection.bootstrap import paired_bootstrap
 from detection.data.coco import CocoDetection, load_dataset
 from detection.data.splits import Split
 from detection.metrics import detection_metrics, f1_at_iou
@@ -30,6 +31,7 @@ from search.ensemble import (
     LEADERBOARD_CSV,
     LEADERBOARD_MD,
     MIN_MODEL_WEIGHT,
+    bootstrap_line,
     greedy_selection,
     run_ensemble,
 )
@@ -210,6 +212,20 @@ def test_the_winner_is_chosen_on_the_selection_split_and_only_it_is_scored_on_th
     assert float(single["score"]) == pytest.approx(manifest["best_single_model"]["test"]["score"], abs=1e-12)
     text = (finished_sweep / LEADERBOARD_MD).read_text()
     assert f"Test split (scored once): chosen ensemble map_50 {float(chosen['map_50']):.4f}" in text
+
+    # The paired bootstrap's intervals for the chosen ensemble ("a") depend on its predictions and the seed
+    # alone: resampling its saved test predictions against themselves reproduces them.
+    boot = manifest["test_bootstrap"]
+    config = load_experiment(finished_sweep)
+    assert (boot["samples"], boot["images"], boot["seed"]) == (config.ensemble.bootstrap_samples, len(image_ids),
+                                                               config.seed)
+    again = paired_bootstrap(preds, preds, targets, thresholds=(manifest["score_threshold"],) * 2,
+                             samples=boot["samples"], seed=boot["seed"])
+    for m in ("map_50", "f1", "score"):
+        assert again["a"][m] == pytest.approx(boot["a"][m], abs=1e-6), m
+        assert boot["a"][m][0] <= boot["a"][m][1] and boot["b"][m][0] <= boot["b"][m][1]
+        assert boot["difference"][m][0] <= boot["difference"][m][1]
+    assert bootstrap_line(boot) in text
 
 
 def test_best_ensemble_loads_and_reproduces_the_saved_test_predictions(finished_sweep: Path) -> None:

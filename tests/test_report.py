@@ -10,6 +10,7 @@ exception (`Runtime.exceptionThrown`) and browser-side error such as a failed im
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import os
@@ -32,6 +33,7 @@ from PIL import Image
 from detection.metrics import mean_average_precision
 from search import report
 from search.cli import main as cli_main
+from search.ensemble import bootstrap_line
 from search.report import REPORT_FILE, write_report
 from search.trial_results import TrialResult, read_trials
 
@@ -238,6 +240,7 @@ def test_report_is_self_contained_and_has_every_section(report_page: Path, finis
     if chosen["name"] != "greedy":
         assert re.search(rf'<tr class="best"><td>1</td><td><code>{chosen["name"]}</code>', page)
     assert "&amp;ndash;" not in page  # an empty cell shows a dash, not the escaped entity's text
+    assert html.escape(bootstrap_line(chosen["test_bootstrap"])) in page  # the test figures' intervals
     for name in ("Tree", "Dead", "Alive"):
         assert f"<td>{name}</td>" in page
     assert "optimization history" in page.lower()

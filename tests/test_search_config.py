@@ -142,6 +142,8 @@ BAD_CASES = [
                  id="empty-flip-tta-grid"),
     pytest.param({"ensemble": {"hflip_tta_grid": ["yes"]}}, "ensemble.hflip_tta_grid[0]", "true or false",
                  id="flip-tta-grid-not-bool"),
+    pytest.param({"ensemble": {"bootstrap_samples": -1}}, "ensemble.bootstrap_samples", "0: no intervals",
+                 id="negative-bootstrap-samples"),
     pytest.param({"search": {"space": {"detectors": [{"arch": "faster_rcnn", "backbone": "mobilenet_v2",
                                                       "lr": {"low": 0.001}}]}}}, "high", "missing",
                  id="range-without-high"),
