@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detection.bootstrap import BOOTSTRAP_METRICS, format_interval, map_50, paired_bootstrap
-from detection.metrics import detection_metrics
+from detection.bootstrap import BOOTSTRAP_METRICS, format_interval, paired_bootstrap
+from detection.metrics import detection_metrics, map_50
 
 CLASS_NAMES = ("Tree", "Dead", "Alive")
 
