@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -425,6 +426,12 @@ def test_ensemble_command_on_one_chosen_trial_matches_the_sweeps_own_run(finishe
     experiment = hardlink_copy(finished_sweep, tmp_path / "exp")
     before = read_leaderboard(finished_sweep)
     second = trial_rows(finished_sweep)[1]
+    # This run also turns the test bootstrap off (a new file, not an edit through the hard link).
+    sweep_yaml = experiment / "sweep.yaml"
+    text, found = re.subn(r"bootstrap_samples: [1-9][0-9]*\n", "bootstrap_samples: 0\n", sweep_yaml.read_text())
+    assert found == 1
+    sweep_yaml.unlink()
+    sweep_yaml.write_text(text)
 
     done = run_cli("ensemble", str(experiment), "--trial", second["trial_id"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -442,6 +449,9 @@ def test_ensemble_command_on_one_chosen_trial_matches_the_sweeps_own_run(finishe
         assert float(row["score"]) > float(second["score"])
     chosen = read_json(experiment / BEST_ENSEMBLE_JSON)
     assert {m["trial_id"] for m in chosen["models"]} == {second["trial_id"]}  # greedy among its own models at most
+    assert chosen["test_bootstrap"] is None and chosen["test_metrics"]
+    assert "Paired bootstrap" not in (experiment / "leaderboard.md").read_text()
+    assert "Paired bootstrap" in (finished_sweep / "leaderboard.md").read_text()
     # The sweep's own results were never touched through the links.
     assert read_leaderboard(finished_sweep) == before
 
