@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "best_f1_threshold",
     "detection_metrics",
     "f1_at_iou",
+    "keep_classes",
     "map_50",
     "match_predictions",
     "mean_average_precision",
@@ -100,6 +101,21 @@ def detection_metrics(
     result.update(f1=f1, precision=precision, recall=recall, score_threshold=float(score_threshold))
     result["score"] = 0.5 * result["map_50"] + 0.5 * f1
     return result
+
+
+def keep_classes(preds: Detections, targets: Detections, labels: Iterable[int]
+                 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """The predictions and ground truth of the classes in ``labels`` only (COCOeval's ``catIds``): the metrics
+    of that category subset. Returns new ``boxes``/``scores``/``labels`` and ``boxes``/``labels``/``iscrowd``
+    dicts."""
+    _check_inputs(preds, targets)
+    keep = torch.tensor(sorted(set(labels)), dtype=torch.int64)
+    kept_preds, kept_targets = [], []
+    for pred, target in zip(preds, targets):
+        pred, target = _as_pred(pred), _as_target(target)
+        kept_preds.append({k: v[torch.isin(pred["labels"], keep)] for k, v in pred.items()})
+        kept_targets.append({k: v[torch.isin(target["labels"], keep)] for k, v in target.items()})
+    return kept_preds, kept_targets
 
 
 def mean_average_precision(

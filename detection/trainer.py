@@ -28,7 +28,8 @@ from detection.engine import (
     collect_predictions,
     train_one_epoch,
 )
-from detection.metrics import detection_metrics, match_predictions
+from detection.data.splits import unlearnable_labels
+from detection.metrics import detection_metrics, keep_classes, match_predictions
 from detection.memory_probe import MemoryProbe, probe_training_step
 from detection.models.factory import build_detector, set_image_size
 from detection.predictions import SavedPredictions
@@ -111,6 +112,13 @@ class FoldTrainer:
         # Crowd boxes are ignored in training as the metrics ignore them (torchvision's references drop them).
         self.train_set = CocoDetection(index, list(train_ids), transforms=None, drop_crowd=True)
         self.val_set = CocoDetection(index, list(val_ids), transforms=build_eval_transforms(None))
+        # A class that no training image of this fold holds cannot be learnt here: scoring it would rank where
+        # the split put its images, not the hyperparameters (its AP is 0 and drags the fold's mAP down by a
+        # share of the classes). The fold's metrics leave such classes out, ground truth and predictions alike.
+        self.unscored_labels = unlearnable_labels(index, train_ids=train_ids, val_ids=val_ids)
+        self.unscored_classes = tuple(index.class_names[label - 1] for label in self.unscored_labels)
+        self._scored_labels = [label for label in range(1, len(index.class_names) + 1)
+                               if label not in self.unscored_labels]
         self.sampler = None
         if config.data.class_balanced_sampling:
             factors = repeat_factors(index.records(train_ids), threshold=config.data.repeat_threshold)
@@ -196,13 +204,16 @@ class FoldTrainer:
         """Metrics on this fold's validation images at full input size; updates early stopping.
 
         F1 is at `train.score_threshold`, or at the F1-optimal threshold of these predictions when it is
-        None. The predictions of the best epoch so far are kept in `best_predictions` (out-of-fold).
+        None. Classes without a training image in this fold (`unscored_classes`) are left out of every metric.
+        The predictions of the best epoch so far are kept in `best_predictions` (out-of-fold).
         """
         start = time.perf_counter()
         set_image_size(self.model, self.config.train.image_size)
         loader = DataLoader(self.val_set, batch_size=self.config.train.eval_batch_size, shuffle=False,
                             num_workers=self.config.data.num_workers, collate_fn=collate_detection)
         preds, targets = collect_predictions(self.model, loader, device=self.device)
+        if self.unscored_labels:
+            preds, targets = keep_classes(preds, targets, self._scored_labels)
         matches = match_predictions(preds, targets)  # once: F1 below and the saved out-of-fold predictions
         metrics = detection_metrics(preds, targets, score_threshold=self.config.train.score_threshold,
                                     class_names=self.index.class_names, matches=matches)

@@ -113,7 +113,7 @@ def prepare_experiment(config: SweepConfig, *, experiment_dir: Path) -> Path:
     `detection.models.weights.WeightsNotFoundError` / `StartError` when a detector's start cannot be had here.
     """
     from detection.data.coco import load_dataset
-    from detection.data.splits import make_split
+    from detection.data.splits import make_split, unlearnable_labels
     from detection.data.verify import check_dataset, check_fold_count, default_cache_path
     from detection.models.weights import check_start_available
 
@@ -136,6 +136,13 @@ def prepare_experiment(config: SweepConfig, *, experiment_dir: Path) -> Path:
     split.to_json(split_path)
     logger.info("%s: %d images: %d in %d folds, %d selection, %d test (split %s).", config.data.path, len(index),
                 len(split.pool_ids), split.num_folds, len(split.selection), len(split.test), split.hash[:12])
+    for k in range(split.num_folds):
+        unscored = unlearnable_labels(index, train_ids=split.train_ids(k), val_ids=split.val_ids(k))
+        if unscored:
+            logger.warning("%s: fold %d validates on %s, which no training image of the fold holds; the fold's "
+                           "metrics (and so the CV score) leave %s out.", config.data.path, k,
+                           ", ".join(index.class_names[label - 1] for label in unscored),
+                           "it" if len(unscored) == 1 else "them")
     return split_path
 
 

@@ -254,3 +254,19 @@ def test_data_error_in_a_trial_stops_tune_at_once(tmp_path, local_ray):
     assert runs(tmp_path, "bad data") == 1  # not retried
     assert not (tmp_path / "runs-worker_lost").exists()  # the next trial never started
     assert len(results) == 1 and take_stop() is None  # the grid's second trial was never even created
+
+
+def test_the_driver_names_the_fold_that_cannot_learn_a_class_before_ray(deepforest_root, tmp_path, caplog):
+    # The demo's split: the one tile with Dead and Alive boxes lands in one fold's validation.
+    from search.config import sweep_config_from_dict
+    from search.tuner import prepare_experiment
+
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw["data"]["path"] = str(deepforest_root)
+    config = sweep_config_from_dict(raw, where="demo.yaml")
+    with caplog.at_level("WARNING", logger="search.tuner"):
+        prepare_experiment(config, experiment_dir=tmp_path / "exp")
+    warnings = [r.getMessage() for r in caplog.records if "no training image of the fold holds" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert re.search(r"fold [01] validates on Dead, Alive, .* leave them out", warnings[0]), warnings[0]
+    assert not (tmp_path / "exp" / TUNE_DIR).exists()

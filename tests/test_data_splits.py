@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from detection.data.coco import CocoIndex, DatasetError, ImageRecord
-from detection.data.splits import Split, make_split, stratification_keys
+from detection.data.splits import Split, make_split, stratification_keys, unlearnable_labels
 
 
 def _index(labels_per_image: list[list[int]], splits: list[str | None] | None = None, num_classes: int = 3) -> CocoIndex:
@@ -192,3 +192,19 @@ def test_deepforest_split_holds_out_valid_and_test_folders_and_trains_on_rare_cl
     assert len(split.test) == len(split.selection) == 7 and len(split.pool_ids) == 31
     alive = [r.image_id for r in deepforest_index.images if 3 in r.labels]  # label 3 = Alive
     assert alive and set(alive) <= set(split.pool_ids)
+
+
+def test_the_fold_that_validates_on_a_single_image_class_cannot_learn_it(deepforest_index):
+    # DeepForest's Dead (2) and Alive (3) boxes are all in one tile: whichever fold validates on it has no
+    # training image of them; every other fold trains on them and has none to validate.
+    rare = [r.image_id for r in deepforest_index.images if {2, 3} & set(r.labels.tolist())]
+    assert len(rare) == 1
+    for num_folds in (2, 3):
+        split = make_split(deepforest_index, num_folds=num_folds, selection_fraction=0.1, test_fraction=0.1, seed=0)
+        unscored = [unlearnable_labels(deepforest_index, train_ids=split.train_ids(k), val_ids=split.val_ids(k))
+                    for k in range(num_folds)]
+        holder = next(k for k in range(num_folds) if rare[0] in split.val_ids(k))
+        assert unscored[holder] == (2, 3)
+        assert all(u == () for k, u in enumerate(unscored) if k != holder)
+    # Training on the tile itself: nothing is left unscored.
+    assert unlearnable_labels(deepforest_index, train_ids=rare, val_ids=rare) == ()

@@ -22,8 +22,8 @@ import torch
 
 from detection.bootstrap import paired_bootstrap
 from detection.data.coco import CocoDetection, load_dataset
-from detection.data.splits import Split
-from detection.metrics import detection_metrics, f1_at_iou
+from detection.data.splits import Split, unlearnable_labels
+from detection.metrics import detection_metrics, f1_at_iou, keep_classes
 from detection.predictions import load_predictions
 from search.ensemble import (
     BEST_ENSEMBLE_JSON,
@@ -175,9 +175,14 @@ def test_trial_threshold_is_f1_optimal_on_its_saved_out_of_fold_predictions(fini
         for k in range(split.num_folds):  # each fold's validation images, predicted by the model that did not see them
             saved = load_predictions(checkpoint / "best" / f"oof-fold-{k}.pt")
             assert saved.image_ids == list(split.val_ids(k))
-            preds += saved.preds
-            targets += [{"boxes": torch.as_tensor(r.boxes), "labels": torch.as_tensor(r.labels),
-                         "iscrowd": torch.as_tensor(r.iscrowd)} for r in index.records(saved.image_ids)]
+            fold_targets = [{"boxes": torch.as_tensor(r.boxes), "labels": torch.as_tensor(r.labels),
+                             "iscrowd": torch.as_tensor(r.iscrowd)} for r in index.records(saved.image_ids)]
+            # As the fold scored them: without the classes that none of its training images holds.
+            unscored = unlearnable_labels(index, train_ids=split.train_ids(k), val_ids=split.val_ids(k))
+            scored = [c for c in range(1, len(index.class_names) + 1) if c not in unscored]
+            fold_preds, fold_targets = keep_classes(saved.preds, fold_targets, scored)
+            preds += fold_preds
+            targets += fold_targets
         threshold = read_json(checkpoint / "trial.json")["score_threshold"]
         assert_f1_optimal(preds, targets, threshold)
 

@@ -18,6 +18,7 @@ from detection.metrics import (
     best_f1_threshold,
     detection_metrics,
     f1_at_iou,
+    keep_classes,
     match_predictions,
     mean_average_precision,
     precision_recall_curve,
@@ -307,3 +308,28 @@ def test_detection_metrics_rejects_bad_input():
         f1_at_iou([bad], [_target([], [])], score_threshold=0.5)
     with pytest.raises(ValueError, match="labels in 1..3"):
         mean_average_precision([_pred([[0, 0, 5, 5]], [0.9], [7])], [_target([], [])], class_names=CLASS_NAMES)
+
+
+def test_keep_classes_scores_a_category_subset_like_cocoeval_cat_ids(deepforest_index):
+    # The tile with every Dead and Alive box and a Tree tile; predictions = the Tree ground truth (a model
+    # that learnt Tree perfectly and never saw Dead or Alive).
+    index = deepforest_index
+    rare = next(r for r in index.images if {2, 3} & set(r.labels.tolist()))
+    tree = next(r for r in index.images if len(r.boxes) and set(r.labels.tolist()) == {1})
+    targets = [{"boxes": torch.as_tensor(r.boxes), "labels": torch.as_tensor(r.labels)} for r in (rare, tree)]
+    preds = [{"boxes": t["boxes"][t["labels"] == 1], "labels": t["labels"][t["labels"] == 1],
+              "scores": torch.ones(int((t["labels"] == 1).sum()))} for t in targets]
+    everything = detection_metrics(preds, targets, score_threshold=0.5, class_names=index.class_names)
+    assert everything["map_50"] == pytest.approx(1 / 3) and everything["ap_50/Dead"] == 0.0
+    assert everything["recall"] == pytest.approx(len(tree.boxes) / (len(tree.boxes) + len(rare.boxes)))
+    kept_preds, kept_targets = keep_classes(preds, targets, [1])
+    tree_only = detection_metrics(kept_preds, kept_targets, score_threshold=0.5, class_names=index.class_names)
+    assert tree_only["map_50"] == pytest.approx(1.0) and tree_only["f1"] == pytest.approx(1.0)
+    assert [len(t["labels"]) for t in kept_targets] == [0, len(tree.boxes)]
+    # A prediction of a left-out class is left out too (not a false positive).
+    stray = [{**preds[0], "boxes": targets[0]["boxes"][:1] + 1, "labels": torch.tensor([2]),
+              "scores": torch.tensor([0.9])}, preds[1]]
+    assert detection_metrics(*keep_classes(stray, targets, [1]), score_threshold=0.5,
+                             class_names=index.class_names)["precision"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one prediction dict per target"):
+        keep_classes(preds[:1], targets, [1])

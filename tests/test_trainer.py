@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from detection.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from detection.metrics import detection_metrics, keep_classes
 from detection.trainer import FoldTrainer, restore_rng
 
 
@@ -113,3 +114,32 @@ def test_memory_probe_measures_one_step_and_leaves_the_fold_as_it_was(deepforest
     # (built after the probed fold trained: building a fold reseeds torch's global RNG, as training draws from it)
     fresh = FoldTrainer(cfg, deepforest_index, train_ids=ids, val_ids=ids)
     assert probed_loss == fresh.train_epoch()["loss"]
+
+
+def test_a_fold_is_not_scored_on_classes_none_of_its_training_images_hold(deepforest_root, deepforest_index):
+    # The tile with every Dead and Alive box, validated by a fold that trains on Tree tiles only: its Dead and
+    # Alive ground truth (and any such prediction) stays out of the fold's metrics; trained on, it counts.
+    index = deepforest_index
+    rare = next(r.image_id for r in index.images if {2, 3} & set(r.labels.tolist()))
+    trees = most_boxed_train_tiles(index, 2)
+    val_ids = [rare, trees[0]]
+    targets = [{"boxes": torch.as_tensor(r.boxes), "labels": torch.as_tensor(r.labels),
+                "iscrowd": torch.as_tensor(r.iscrowd)} for r in index.records(val_ids)]
+    cfg = tiny_config(deepforest_root, epochs=1, image_size=96, score_threshold=None)
+    for train_ids, unscored in ((trees, ("Dead", "Alive")), ([rare, *trees], ())):
+        trainer = FoldTrainer(cfg, index, train_ids=train_ids, val_ids=val_ids)
+        assert trainer.unscored_classes == unscored
+        trainer.train_epoch()
+        metrics = trainer.evaluate()
+        saved = trainer.best_predictions
+        assert saved is not None and saved.image_ids == val_ids
+        scored = [1] if unscored else [1, 2, 3]
+        kept_preds, kept_targets = keep_classes(saved.preds, targets, scored)
+        for pred in saved.preds:
+            assert set(pred["labels"].tolist()) <= set(scored)
+        again = detection_metrics(kept_preds, kept_targets, score_threshold=None, class_names=index.class_names)
+        for key in ("map", "map_50", "f1", "recall", "score"):
+            assert metrics[key] == pytest.approx(again[key], abs=1e-9), key
+        # Recall counts only the scored classes' boxes (the saved matches too).
+        assert saved.matches.num_gt == sum(len(t["labels"]) for t in kept_targets)
+        assert saved.matches.num_gt == (len(targets[1]["labels"]) if unscored else sum(len(t["labels"]) for t in targets))

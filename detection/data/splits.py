@@ -156,6 +156,15 @@ class Split:
         return split
 
 
+def unlearnable_labels(index: CocoIndex, *, train_ids: Sequence[int], val_ids: Sequence[int]) -> tuple[int, ...]:
+    """Labels that some of ``val_ids`` hold but no (non-crowd) box of ``train_ids``, sorted: a fold's model
+    never sees them, so its validation cannot score them (a class in a single image always lands here for
+    the fold that validates on that image; DeepForest's Dead and Alive are one tile)."""
+    trained = {int(label) for r in index.records(train_ids) for label in r.labels[r.iscrowd == 0]}
+    present = {int(label) for r in index.records(val_ids) for label in r.labels}
+    return tuple(sorted(present - trained))
+
+
 def stratification_keys(records: Sequence[ImageRecord]) -> np.ndarray:
     """Per image, the rarest class present (fewest images among ``records``), 0 for no boxes. int64 [N]."""
     presence = [set(np.unique(r.labels).tolist()) for r in records]
