@@ -18,6 +18,9 @@ Stratification key of an image: the rarest class present in it (rarest = in the 
 so a class in fewer images than K lands in as many different folds as it has images; when no key
 has K images, plain seeded `KFold` is used.
 
+A class in one pool image can only be validated by the fold that cannot train on it: `unlearnable_labels`
+names such classes, and a fold's metrics leave them out (detection/trainer.py).
+
 A `Split` is saved to JSON with a sha256 of its content; `Split.from_json` checks it.
 """
 
