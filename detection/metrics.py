@@ -113,8 +113,9 @@ def keep_classes(preds: Detections, targets: Detections, labels: Iterable[int]
     kept_preds, kept_targets = [], []
     for pred, target in zip(preds, targets):
         pred, target = _as_pred(pred), _as_target(target)
-        kept_preds.append({k: v[torch.isin(pred["labels"], keep)] for k, v in pred.items()})
-        kept_targets.append({k: v[torch.isin(target["labels"], keep)] for k, v in target.items()})
+        pred_kept, target_kept = torch.isin(pred["labels"], keep), torch.isin(target["labels"], keep)
+        kept_preds.append({k: v[pred_kept] for k, v in pred.items()})
+        kept_targets.append({k: v[target_kept] for k, v in target.items()})
     return kept_preds, kept_targets
 
 

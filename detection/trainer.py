@@ -29,7 +29,7 @@ from detection.engine import (
     train_one_epoch,
 )
 from detection.data.splits import unlearnable_labels
-from detection.metrics import detection_metrics, keep_classes, match_predictions
+from detection.metrics import class_name, detection_metrics, keep_classes, match_predictions
 from detection.memory_probe import MemoryProbe, probe_training_step
 from detection.models.factory import build_detector, set_image_size
 from detection.predictions import SavedPredictions
@@ -116,9 +116,7 @@ class FoldTrainer:
         # the split put its images, not the hyperparameters (its AP is 0 and drags the fold's mAP down by a
         # share of the classes). The fold's metrics leave such classes out, ground truth and predictions alike.
         self.unscored_labels = unlearnable_labels(index, train_ids=train_ids, val_ids=val_ids)
-        self.unscored_classes = tuple(index.class_names[label - 1] for label in self.unscored_labels)
-        self._scored_labels = [label for label in range(1, len(index.class_names) + 1)
-                               if label not in self.unscored_labels]
+        self.unscored_classes = tuple(class_name(label, index.class_names) for label in self.unscored_labels)
         self.sampler = None
         if config.data.class_balanced_sampling:
             factors = repeat_factors(index.records(train_ids), threshold=config.data.repeat_threshold)
@@ -213,7 +211,8 @@ class FoldTrainer:
                             num_workers=self.config.data.num_workers, collate_fn=collate_detection)
         preds, targets = collect_predictions(self.model, loader, device=self.device)
         if self.unscored_labels:
-            preds, targets = keep_classes(preds, targets, self._scored_labels)
+            scored = set(range(1, len(self.index.class_names) + 1)) - set(self.unscored_labels)
+            preds, targets = keep_classes(preds, targets, scored)
         matches = match_predictions(preds, targets)  # once: F1 below and the saved out-of-fold predictions
         metrics = detection_metrics(preds, targets, score_threshold=self.config.train.score_threshold,
                                     class_names=self.index.class_names, matches=matches)

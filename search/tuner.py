@@ -115,6 +115,7 @@ def prepare_experiment(config: SweepConfig, *, experiment_dir: Path) -> Path:
     from detection.data.coco import load_dataset
     from detection.data.splits import make_split, unlearnable_labels
     from detection.data.verify import check_dataset, check_fold_count, default_cache_path
+    from detection.metrics import class_name
     from detection.models.weights import check_start_available
 
     for choice in config.detectors:  # weights that cannot be had stop the sweep here, not in every fold worker
@@ -141,7 +142,7 @@ def prepare_experiment(config: SweepConfig, *, experiment_dir: Path) -> Path:
         if unscored:
             logger.warning("%s: fold %d validates on %s, which no training image of the fold holds; the fold's "
                            "metrics (and so the CV score) leave %s out.", config.data.path, k,
-                           ", ".join(index.class_names[label - 1] for label in unscored),
+                           ", ".join(class_name(label, index.class_names) for label in unscored),
                            "it" if len(unscored) == 1 else "them")
     return split_path
 
